@@ -1,0 +1,158 @@
+"""Connecting to NATS: settings from the environment, reconnect policy, redacted logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+
+from mesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from nats.js import JetStreamContext
+
+__all__ = ["ConnectionSettings", "api_prefix", "connect", "jetstream", "redact_url"]
+
+logger = logging.getLogger(__name__)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user, password or token replaced by `***`."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """How to reach NATS. Secrets are kept out of `repr`."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    name: str = "d8"
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    inbox_prefix: str | None = None
+    js_domain: str | None = None
+    connect_timeout_s: float = 5.0
+    reconnect_wait_s: float = 0.5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, name: str = "d8") -> ConnectionSettings:
+        """Read `NATS_URL` (comma-separated), credentials and TLS files from the environment."""
+        env = os.environ if env is None else env
+        url = env.get("NATS_URL", "").strip()
+        servers = tuple(u.strip() for u in url.split(",") if u.strip()) or cls.servers
+        settings = cls(
+            servers=servers,
+            name=name,
+            user=env.get("NATS_USER") or None,
+            password=env.get("NATS_PASSWORD") or None,
+            token=env.get("NATS_TOKEN") or None,
+            creds_file=env.get("NATS_CREDS") or None,
+            nkey_seed_file=env.get("NATS_NKEY_SEED") or None,
+            tls_ca_file=env.get("NATS_CA") or None,
+            tls_cert_file=env.get("NATS_CERT") or None,
+            tls_key_file=env.get("NATS_KEY") or None,
+            inbox_prefix=env.get("NATS_INBOX_PREFIX") or None,
+            js_domain=env.get("D8_JS_DOMAIN") or None,
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise `ConfigError` for files that do not exist."""
+        for variable, path in (
+            ("NATS_CREDS", self.creds_file),
+            ("NATS_NKEY_SEED", self.nkey_seed_file),
+            ("NATS_CA", self.tls_ca_file),
+            ("NATS_CERT", self.tls_cert_file),
+            ("NATS_KEY", self.tls_key_file),
+        ):
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{variable} names {path!r}, which is not a readable file")
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if not (self.tls_ca_file or self.tls_cert_file):
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca_file)
+        if self.tls_cert_file:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return context
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `nats.connect`, without callbacks."""
+        options: dict[str, Any] = {
+            "servers": list(self.servers),
+            "name": self.name,
+            "connect_timeout": self.connect_timeout_s,
+            # Long-lived processes never give up: the default gives up after ~2 minutes,
+            # after which every fetch fails even once the server is back.
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": self.reconnect_wait_s,
+            "user": self.user,
+            "password": self.password,
+            "token": self.token,
+            "user_credentials": self.creds_file,
+            "nkeys_seed": self.nkey_seed_file,
+            "tls": self._tls(),
+        }
+        if self.inbox_prefix:
+            options["inbox_prefix"] = self.inbox_prefix
+        return {key: value for key, value in options.items() if value is not None}
+
+
+async def connect(settings: ConnectionSettings, **callbacks: Any) -> NATS:
+    """Connect with the mesh's reconnect policy; callbacks default to logging."""
+    shown = ",".join(redact_url(u) for u in settings.servers)
+
+    async def on_error(exc: Exception) -> None:
+        logger.warning("nats error name=%s error=%s", settings.name, exc)
+
+    async def on_disconnected() -> None:
+        logger.warning("nats disconnected name=%s", settings.name)
+
+    async def on_reconnected() -> None:
+        logger.warning("nats reconnected name=%s", settings.name)
+
+    callbacks.setdefault("error_cb", on_error)
+    callbacks.setdefault("disconnected_cb", on_disconnected)
+    callbacks.setdefault("reconnected_cb", on_reconnected)
+    try:
+        nc = await nats.connect(**settings.options(), **callbacks)
+    except Exception as exc:
+        # nats-py raises a bare Exception-derived error with no hint; say where and how.
+        raise ConfigError(
+            f"cannot connect to NATS at {shown}: {exc or type(exc).__name__}. "
+            "Check NATS_URL and that the server runs (`d8 server` starts one)."
+        ) from None
+    logger.info("nats connected name=%s servers=%s", settings.name, shown)
+    return nc
+
+
+def jetstream(nc: NATS, settings: ConnectionSettings) -> JetStreamContext:
+    """The JetStream context, in the hub's domain when one is set (leaf nodes)."""
+    if settings.js_domain:
+        return nc.jetstream(domain=settings.js_domain, timeout=10)
+    return nc.jetstream(timeout=10)
+
+
+def api_prefix(settings: ConnectionSettings) -> str:
+    """The JetStream API subject prefix, with the hub's domain when one is set."""
+    return f"$JS.{settings.js_domain}.API" if settings.js_domain else "$JS.API"

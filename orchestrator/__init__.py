@@ -1,0 +1,1 @@
+"""The orchestrator: owns the topology, submits tasks, watches workers, serves HTTP."""

@@ -1,0 +1,288 @@
+"""The orchestrator: declares the topology, submits tasks, and learns results and workers.
+
+It watches two things with one subscription each, never by polling: results arrive on the
+`results` bucket's subjects, and heartbeats on the `workers` bucket's (a KV watch, which
+also shows a worker's expiry through the server's delete markers).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+import anyio
+import msgspec
+from nats.js.errors import APIError, NoStreamResponseError
+
+from mesh.connection import ConnectionSettings, connect, jetstream
+from mesh.contract import Heartbeat, Result, Task, decode_heartbeat, decode_result, encode
+from mesh.errors import SubmitError
+from mesh.results import get_result
+from mesh.topology import (
+    ANY_MODEL,
+    WORKERS_BUCKET,
+    Capability,
+    TopologySettings,
+    declare_capability,
+    declare_topology,
+    result_subject,
+)
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
+
+__all__ = ["Orchestrator", "OrchestratorSettings", "Submitted"]
+
+logger = logging.getLogger(__name__)
+
+# nats-py keeps this many publish_async acks in flight; more waits for room.
+_PUBLISH_WINDOW = 512
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    """What the orchestrator needs; durations in seconds."""
+
+    topology: TopologySettings = field(default_factory=TopologySettings)
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    kind: str = "chat"
+    #: Declare streams, buckets and consumers (the owner does; a plain client may not).
+    declare: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A task the stream accepted: where it went, and whether it was a repeat."""
+
+    task_id: str
+    subject: str
+    stream_seq: int
+    duplicate: bool
+
+
+OnResult = Callable[[Result], None]
+
+
+class _Waiter:
+    __slots__ = ("event", "on_result", "result")
+
+    def __init__(self, on_result: OnResult | None = None) -> None:
+        self.event = anyio.Event()
+        self.result: Result | None = None
+        self.on_result = on_result
+
+    def settle(self, result: Result) -> None:
+        if self.result is None:
+            self.result = result
+            self.event.set()
+            if self.on_result is not None:
+                self.on_result(result)
+
+
+class Orchestrator:
+    """Submit tasks and wait for results; `async with Orchestrator(settings) as orch`."""
+
+    def __init__(self, settings: OrchestratorSettings | None = None) -> None:
+        self.settings = settings or OrchestratorSettings()
+        self.workers: dict[str, Heartbeat] = {}
+        self.workers_changed = anyio.Event()
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._declared: set[Capability] = set()
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._task_group_cm: anyio.abc.TaskGroup | None = None
+
+    @property
+    def nc(self) -> NATS:
+        assert self._nc is not None, "use the orchestrator inside `async with`"
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "use the orchestrator inside `async with`"
+        return self._js
+
+    async def __aenter__(self) -> Self:
+        self._nc = await connect(
+            self.settings.connection, reconnected_cb=self._on_reconnected
+        )
+        self._js = jetstream(self._nc, self.settings.connection)
+        if self.settings.declare:
+            await declare_topology(self._js, self.settings.topology, update=True)
+            await self._declare(Capability(self.settings.kind, ANY_MODEL))
+        await self._nc.subscribe(result_subject("*"), cb=self._on_result)
+        self._task_group_cm = anyio.create_task_group()
+        self._tasks = await self._task_group_cm.__aenter__()
+        self._tasks.start_soon(self._watch_workers)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._tasks is not None and self._task_group_cm is not None
+        self._tasks.cancel_scope.cancel()
+        await self._task_group_cm.__aexit__(None, None, None)
+        with anyio.move_on_after(5, shield=True):
+            await self.nc.drain()
+
+    async def _declare(self, capability: Capability) -> None:
+        if capability in self._declared or not self.settings.declare:
+            return
+        await declare_capability(self.js, capability, self.settings.topology, update=True)
+        self._declared.add(capability)
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def subject_for(self, task: Task) -> str:
+        return Capability.for_model(task.model, self.settings.kind).subject
+
+    async def submit(self, task: Task) -> Submitted:
+        """Publish one task; a repeat of an id inside the duplicate window is not stored."""
+        subject = self.subject_for(task)
+        await self._declare(Capability.from_subject(subject))
+        try:
+            ack = await self.js.publish(subject, encode(task), headers={"Nats-Msg-Id": task.id})
+        except NoStreamResponseError:
+            raise SubmitError(f"no stream answered for {subject}: is JetStream up and TASKS declared?") from None
+        except APIError as exc:
+            raise SubmitError(f"task {task.id} refused by the server: {exc.description}") from exc
+        return Submitted(task.id, subject, ack.seq, bool(ack.duplicate))
+
+    async def submit_many(self, tasks: Iterable[Task]) -> list[Submitted]:
+        """Publish many tasks with their acks pipelined; returns one `Submitted` per task."""
+        pending = []
+        for task in tasks:
+            subject = self.subject_for(task)
+            await self._declare(Capability.from_subject(subject))
+            future = await self.js.publish_async(
+                subject, encode(task), headers={"Nats-Msg-Id": task.id}, wait_stall=30
+            )
+            pending.append((task.id, subject, future))
+        submitted = []
+        for task_id, subject, future in pending:
+            try:
+                ack = await future
+            except APIError as exc:
+                raise SubmitError(f"task {task_id} refused by the server: {exc.description}") from exc
+            submitted.append(Submitted(task_id, subject, ack.seq, bool(ack.duplicate)))
+        return submitted
+
+    # -- results ------------------------------------------------------------------------
+
+    async def _on_result(self, msg: Msg) -> None:
+        task_id = msg.subject.rsplit(".", 1)[-1]
+        waiters = self._waiters.pop(task_id, None)
+        if not waiters or not msg.data:
+            return
+        try:
+            result = decode_result(msg.data)
+        except msgspec.DecodeError:
+            logger.warning("undecodable result task_id=%s", task_id)
+            return
+        for waiter in waiters:
+            waiter.settle(result)
+
+    async def result(self, task_id: str) -> Result | None:
+        """The stored result of a task, or None while it has none."""
+        return await get_result(self.js, task_id)
+
+    async def wait(self, task_id: str, timeout_s: float) -> Result | None:
+        """Wait up to `timeout_s` for a task's result; None if it did not come."""
+        waiter = self._register(task_id)
+        # Registered before looking, so a result written in between is not missed.
+        stored = await get_result(self.js, task_id)
+        if stored is not None:
+            self._forget(task_id, waiter)
+            return stored
+        with anyio.move_on_after(timeout_s):
+            await waiter.event.wait()
+        self._forget(task_id, waiter)
+        return waiter.result
+
+    async def run(
+        self, tasks: Sequence[Task], timeout_s: float, on_result: OnResult | None = None
+    ) -> tuple[list[Submitted], dict[str, Result]]:
+        """Submit a batch and wait up to `timeout_s` for its results.
+
+        Waiters are registered before the tasks are published, so no result can slip past;
+        only repeats (already run within the duplicate window) are looked up in the bucket.
+        """
+        waiters = {task.id: self._register(task.id, on_result) for task in tasks}
+        try:
+            submitted = await self.submit_many(tasks)
+            for item in submitted:
+                if item.duplicate and (stored := await get_result(self.js, item.task_id)):
+                    waiters[item.task_id].settle(stored)
+            deadline = time.monotonic() + timeout_s
+            for waiter in waiters.values():
+                with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                    await waiter.event.wait()
+        finally:
+            for task_id, waiter in waiters.items():
+                self._forget(task_id, waiter)
+        results = {task_id: w.result for task_id, w in waiters.items() if w.result is not None}
+        return submitted, results
+
+    def _register(self, task_id: str, on_result: OnResult | None = None) -> _Waiter:
+        waiter = _Waiter(on_result)
+        self._waiters.setdefault(task_id, []).append(waiter)
+        return waiter
+
+    def _forget(self, task_id: str, waiter: _Waiter) -> None:
+        waiters = self._waiters.get(task_id)
+        if waiters and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiters[task_id]
+
+    async def _on_reconnected(self) -> None:
+        # Results published while we were away did not reach the subscription: look them up.
+        logger.warning("nats reconnected, checking results of waiting tasks count=%d", len(self._waiters))
+        for task_id in list(self._waiters):
+            stored = await get_result(self.js, task_id)
+            if stored is not None:
+                for waiter in self._waiters.pop(task_id, []):
+                    waiter.settle(stored)
+
+    # -- workers ------------------------------------------------------------------------
+
+    async def _watch_workers(self) -> None:
+        kv: KeyValue = await self.js.key_value(WORKERS_BUCKET)
+        watcher = await kv.watchall()
+        async for entry in watcher:
+            if entry is None:
+                continue  # end of the initial snapshot
+            self._on_heartbeat(entry.key, entry.value, entry.operation)
+
+    def _on_heartbeat(self, worker_id: str, value: bytes | None, operation: str | None) -> None:
+        if operation in ("DEL", "PURGE") or not value:
+            gone = self.workers.pop(worker_id, None)
+            if gone is not None:
+                logger.warning("worker gone worker_id=%s reason=%s", worker_id, operation or "expired")
+        else:
+            try:
+                heartbeat = decode_heartbeat(value)
+            except msgspec.DecodeError:
+                logger.warning("undecodable heartbeat worker_id=%s", worker_id)
+                return
+            if worker_id not in self.workers:
+                logger.info("worker joined worker_id=%s capabilities=%s", worker_id, ",".join(heartbeat.capabilities))
+            self.workers[worker_id] = heartbeat
+        self.workers_changed.set()
+        self.workers_changed = anyio.Event()
+
+    def live_capabilities(self) -> set[str]:
+        """Capabilities (`kind/token`) that at least one live worker serves."""
+        return {c for hb in self.workers.values() for c in hb.capabilities}
+

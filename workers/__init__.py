@@ -1,0 +1,1 @@
+"""Workers: the runtime that pulls and runs tasks, and the LLM backends."""

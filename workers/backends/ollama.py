@@ -1,0 +1,182 @@
+"""Ollama, through the `ollama` library's async client: the Pi's local model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Self
+
+import httpx
+import ollama
+
+from mesh.contract import Usage
+from mesh.errors import (
+    ConfigError,
+    InvalidTaskError,
+    RateLimitedError,
+    TransientError,
+    WorkerFatalError,
+)
+from workers.backends import BackendSettings, Generation, OnPiece
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from mesh.contract import Task
+
+__all__ = ["OllamaBackend", "ollama_host"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+# Keep the model loaded between tasks: reloading a 6.7B model from an SD card takes minutes.
+KEEP_ALIVE = "30m"
+# Connecting is quick or never; a generation on a Pi takes minutes.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def ollama_host(base_url: str | None = None) -> str:
+    """The Ollama address: the setting, else `OLLAMA_HOST`, else the local default."""
+    host = base_url or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
+    return host if "://" in host else f"http://{host}"
+
+
+class OllamaBackend:
+    """Chat with a model served by Ollama; one generation at a time by default."""
+
+    name = "ollama"
+    default_concurrency = 1
+
+    def __init__(self, settings: BackendSettings) -> None:
+        if not settings.models:
+            raise ConfigError("the ollama backend needs a model: pass --model, e.g. deepseek-coder:1.3b")
+        self.models = settings.models
+        self.host = ollama_host(settings.base_url)
+        self._pull = settings.pull
+        timeout = httpx.Timeout(settings.timeout_s, connect=CONNECT_TIMEOUT_S)
+        self._client = ollama.AsyncClient(host=self.host, timeout=timeout)
+
+    async def __aenter__(self) -> Self:
+        try:
+            listed = await self._client.list()
+        except (httpx.TransportError, ConnectionError) as exc:
+            raise ConfigError(
+                f"Ollama does not answer at {self.host} ({type(exc).__name__}): start it "
+                "(`ollama serve`) or set OLLAMA_HOST"
+            ) from None
+        present = {m.model for m in listed.models if m.model}
+        for model in self.models:
+            if model in present or f"{model}:latest" in present:
+                continue
+            if not self._pull:
+                raise ConfigError(
+                    f"model {model!r} is not in Ollama at {self.host}: run `ollama pull {model}` "
+                    "or start the worker with --pull"
+                )
+            await self._pull_model(model)
+        return self
+
+    async def _pull_model(self, model: str) -> None:
+        logger.info("pulling model model=%s host=%s", model, self.host)
+        last_logged = 0.0
+        async for progress in await self._client.pull(model, stream=True):
+            now = time.monotonic()
+            if progress.total and now - last_logged > 5:
+                percent = 100 * (progress.completed or 0) / progress.total
+                logger.info("pull progress model=%s status=%s percent=%.0f", model, progress.status, percent)
+                last_logged = now
+        logger.info("model pulled model=%s", model)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def generate(self, task: Task, model: str, on_piece: OnPiece | None) -> Generation:
+        messages = [{"role": m.role, "content": m.content} for m in task.chat_messages()]
+        options = _options(task)
+        started = time.perf_counter()
+        try:
+            if on_piece is None:
+                response = await self._client.chat(
+                    model=model, messages=messages, options=options, keep_alive=KEEP_ALIVE
+                )
+                return _generation(model, response.message.content or "", response, started, None)
+            return await self._stream(model, messages, options, on_piece, started)
+        except ollama.ResponseError as exc:
+            raise _translate(exc, model, self.host) from exc
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"Ollama at {self.host} timed out ({type(exc).__name__})") from exc
+        except (httpx.TransportError, ConnectionError) as exc:
+            raise TransientError(f"Ollama at {self.host} unreachable ({type(exc).__name__})") from exc
+
+    async def _stream(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        options: dict[str, Any],
+        on_piece: OnPiece,
+        started: float,
+    ) -> Generation:
+        pieces: list[str] = []
+        first_piece_at: float | None = None
+        last: Any = None
+        stream = await self._client.chat(
+            model=model, messages=messages, options=options, keep_alive=KEEP_ALIVE, stream=True
+        )
+        async for part in stream:
+            last = part
+            piece = part.message.content or ""
+            if piece:
+                if first_piece_at is None:
+                    first_piece_at = time.perf_counter()
+                pieces.append(piece)
+                await on_piece(piece)
+        return _generation(model, "".join(pieces), last, started, first_piece_at)
+
+
+def _options(task: Task) -> dict[str, Any]:
+    options = task.options
+    mapped = {
+        "temperature": options.temperature,
+        "num_predict": options.max_tokens,
+        "stop": options.stop,
+        "seed": options.seed,
+    }
+    return {key: value for key, value in mapped.items() if value is not None}
+
+
+def _generation(
+    model: str, text: str, response: Any, started: float, first_piece_at: float | None
+) -> Generation:
+    prompt_tokens = int(getattr(response, "prompt_eval_count", 0) or 0)
+    completion_tokens = int(getattr(response, "eval_count", 0) or 0)
+    eval_ns = int(getattr(response, "eval_duration", 0) or 0)
+    tokens_per_s = round(completion_tokens / (eval_ns / 1e9), 2) if eval_ns else None
+    ttft_ms = (first_piece_at - started) * 1000 if first_piece_at is not None else None
+    usage = Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        ttft_ms=ttft_ms,
+        tokens_per_s=tokens_per_s,
+    )
+    return Generation(text=text, model=model, usage=usage)
+
+
+def _translate(exc: ollama.ResponseError, model: str, host: str) -> Exception:
+    status = exc.status_code
+    detail = (exc.error or "")[:300]
+    if status == 404:
+        return WorkerFatalError(f"model {model!r} is not available in Ollama at {host}: {detail}")
+    if status == 429:
+        return RateLimitedError(f"Ollama is rate limiting: {detail}")
+    if status in (400, 413, 422):
+        return InvalidTaskError(f"Ollama rejected the task ({status}): {detail}")
+    if status in (401, 403):
+        return WorkerFatalError(f"Ollama at {host} refused our credentials ({status})")
+    # 5xx, 503 "server busy", and in-stream errors (status -1) may pass.
+    return TransientError(f"Ollama error ({status}): {detail}")
