@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import nats
+from nats.aio.client import Client as NATSClient
 
 from mesh.errors import ConfigError
 
@@ -126,7 +126,8 @@ async def connect(settings: ConnectionSettings, **callbacks: Any) -> NATS:
         logger.warning("nats error name=%s error=%s", settings.name, exc)
 
     async def on_disconnected() -> None:
-        logger.warning("nats disconnected name=%s", settings.name)
+        if not (nc.is_closed or nc.is_draining):
+            logger.warning("nats disconnected name=%s", settings.name)
 
     async def on_reconnected() -> None:
         logger.warning("nats reconnected name=%s", settings.name)
@@ -134,8 +135,9 @@ async def connect(settings: ConnectionSettings, **callbacks: Any) -> NATS:
     callbacks.setdefault("error_cb", on_error)
     callbacks.setdefault("disconnected_cb", on_disconnected)
     callbacks.setdefault("reconnected_cb", on_reconnected)
+    nc = NATSClient()
     try:
-        nc = await nats.connect(**settings.options(), **callbacks)
+        await nc.connect(**settings.options(), **callbacks)
     except Exception as exc:
         # nats-py raises a bare Exception-derived error with no hint; say where and how.
         raise ConfigError(

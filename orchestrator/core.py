@@ -55,6 +55,8 @@ class OrchestratorSettings:
     kind: str = "chat"
     #: Declare streams, buckets and consumers (the owner does; a plain client may not).
     declare: bool = True
+    #: Keep a live view of the workers from their heartbeats.
+    watch_workers: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +123,8 @@ class Orchestrator:
         await self._nc.subscribe(result_subject("*"), cb=self._on_result)
         self._task_group_cm = anyio.create_task_group()
         self._tasks = await self._task_group_cm.__aenter__()
-        self._tasks.start_soon(self._watch_workers)
+        if self.settings.watch_workers:
+            self._tasks.start_soon(self._watch_workers)
         return self
 
     async def __aexit__(

@@ -9,7 +9,7 @@ import platform
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import anyio
@@ -145,10 +145,11 @@ class Worker:
     async def _serve(self, nc: NATS) -> None:
         js = self._js = jetstream(nc, self.settings.connection)
         await declare_topology(js, self.settings.topology, update=False)
-        ack_waits = []
+        ack_waits, max_delivers = [], []
         for capability in self.capabilities:
             config = await declare_capability(js, capability, self.settings.topology, update=False)
             ack_waits.append(float(config.ack_wait or self.settings.topology.ack_wait_s))
+            max_delivers.append(config.max_deliver or self.settings.retry.max_deliver)
             self._pullers.append(
                 Puller(
                     nc,
@@ -162,7 +163,7 @@ class Worker:
         self._ack_wait_s = min(ack_waits)
         self._runner = TaskRunner(
             nc=nc, js=js, backend=self.backend, worker_id=self.worker_id,
-            retry=self.settings.retry, on_fatal=self._on_fatal,
+            retry=replace(self.settings.retry, max_deliver=min(max_delivers)), on_fatal=self._on_fatal,
         )
         for puller in self._pullers:
             await puller.start()

@@ -1,0 +1,225 @@
+"""The `d8` command: run nodes, submit tasks, read results.
+
+Every command reads its settings from `D8_*`/`NATS_*` variables and flags, checks them
+before starting, and exits with status 2 and a fix-it message when one is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from mesh.errors import ConfigError, MeshError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("d8")
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+async def _until_signal(stop: Callable[[], None]) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logger.info("signal received signal=%s", signal.Signals(signum).name)
+            stop()
+
+
+async def _cmd_server(args: argparse.Namespace) -> int:
+    from mesh.server import EmbeddedServer
+
+    server = EmbeddedServer(args.store_dir, host=args.host, port=args.port)
+    await anyio.to_thread.run_sync(server.start)
+    print(f"nats-server listening on {server.url} (store {server.store_dir}); Ctrl-C stops it")  # noqa: T201
+    stop = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(_until_signal, stop.set)
+        await stop.wait()
+        group.cancel_scope.cancel()
+    await anyio.to_thread.run_sync(server.stop)
+    return 0
+
+
+async def _cmd_worker(args: argparse.Namespace) -> int:
+    from workers.config import worker_settings_from
+    from workers.runtime import Worker
+
+    worker = Worker(worker_settings_from(args))
+    async with anyio.create_task_group() as group:
+        group.start_soon(_until_signal, worker.stop)
+        await worker.run()
+        group.cancel_scope.cancel()
+    if worker.fatal is not None:
+        print(f"d8 worker: stopped: {worker.fatal}", file=sys.stderr)  # noqa: T201
+        return 3
+    return 0
+
+
+async def _cmd_orchestrator(args: argparse.Namespace) -> int:
+    from mesh.connection import ConnectionSettings
+    from orchestrator.core import Orchestrator
+    from orchestrator.launch import orchestrator_settings, serve_http
+
+    settings = orchestrator_settings(ConnectionSettings.from_env(name="d8-orchestrator"))
+    stop = anyio.Event()
+    async with Orchestrator(settings) as orchestrator, anyio.create_task_group() as group:
+        group.start_soon(_until_signal, stop.set)
+        if args.http_port:
+            group.start_soon(serve_http, orchestrator, args.http_host, args.http_port, stop)
+        logger.info("orchestrator ready")
+        await stop.wait()
+        group.cancel_scope.cancel()
+    return 0
+
+
+async def _cmd_up(args: argparse.Namespace) -> int:
+    from orchestrator.core import Orchestrator
+    from orchestrator.launch import mesh_running, orchestrator_settings, serve_http
+
+    stop = anyio.Event()
+    async with mesh_running(workers=args.workers, backend=args.backend, model=args.model) as mesh:
+        async with Orchestrator(orchestrator_settings(mesh.connection)) as orchestrator:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_until_signal, stop.set)
+                group.start_soon(serve_http, orchestrator, args.http_host, args.http_port, stop)
+                print(  # noqa: T201
+                    f"d8 mesh up: NATS {mesh.connection.servers[0]}, {args.workers} {mesh.backend} "
+                    f"worker(s), HTTP http://{args.http_host}:{args.http_port}. Ctrl-C stops it."
+                )
+                await stop.wait()
+                group.cancel_scope.cancel()
+    return 0
+
+
+async def _cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import run_demo
+
+    return await run_demo(args.file, workers=args.workers, backend=args.backend, timeout_s=args.timeout_s)
+
+
+async def _cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.client import submit_command
+
+    return await submit_command(args)
+
+
+async def _cmd_result(args: argparse.Namespace) -> int:
+    from orchestrator.client import result_command
+
+    return await result_command(args)
+
+
+async def _cmd_workers(args: argparse.Namespace) -> int:
+    from orchestrator.client import workers_command
+
+    return await workers_command(args)
+
+
+async def _cmd_schema(args: argparse.Namespace) -> int:
+    from mesh.contract import main as print_schemas
+
+    print_schemas()
+    return 0
+
+
+def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ
+    parser.add_argument("--backend", default=env.get("D8_BACKEND", "echo"), help="echo, ollama, ...")
+    parser.add_argument("--model", action="append", default=None, help="a model to serve (repeatable); D8_MODELS")
+    parser.add_argument("--concurrency", type=int, default=None, help="tasks at once; D8_CONCURRENCY")
+    parser.add_argument("--worker-id", default=env.get("D8_WORKER_ID"), help="default host-backend-pid")
+    parser.add_argument("--no-any", action="store_true", help="do not take tasks from tasks.<kind>.any")
+    parser.add_argument("--base-url", default=None, help="the backend's endpoint (else its usual variable)")
+    parser.add_argument("--timeout-s", type=float, default=None, help="backend call timeout; D8_BACKEND_TIMEOUT_S")
+    parser.add_argument("--pull", action="store_true", help="ollama: pull a missing model at start-up")
+    parser.add_argument("--grace-s", type=float, default=None, help="SIGTERM grace period; D8_GRACE_S")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d8", description="d8-mesh: LLM tasks over a NATS JetStream mesh")
+    parser.add_argument("--log-level", default=os.environ.get("D8_LOG_LEVEL", "info"))
+    parser.add_argument("--log-json", action="store_true", default=os.environ.get("D8_LOG_JSON") == "1")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    server = commands.add_parser("server", help="run nats-server with JetStream")
+    server.add_argument("--store-dir", default=None)
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=4222)
+    server.set_defaults(run=_cmd_server)
+
+    worker = commands.add_parser("worker", help="run a worker")
+    _add_worker_arguments(worker)
+    worker.set_defaults(run=_cmd_worker)
+
+    orchestrator = commands.add_parser("orchestrator", help="run the orchestrator and its HTTP API")
+    orchestrator.add_argument("--http-host", default=os.environ.get("D8_HTTP_HOST", "127.0.0.1"))
+    orchestrator.add_argument("--http-port", type=int, default=int(os.environ.get("D8_HTTP_PORT", "7001")), help="0: no HTTP")
+    orchestrator.set_defaults(run=_cmd_orchestrator)
+
+    up = commands.add_parser("up", help="all in one: server (unless NATS_URL), orchestrator, workers")
+    up.add_argument("--workers", type=int, default=2)
+    up.add_argument("--backend", default=None, help="default: ollama if it answers, else echo")
+    up.add_argument("--model", default=None)
+    up.add_argument("--http-host", default="127.0.0.1")
+    up.add_argument("--http-port", type=int, default=7001)
+    up.set_defaults(run=_cmd_up)
+
+    demo = commands.add_parser("demo", help="run the example D8 workload through a fresh mesh")
+    demo.add_argument("file", nargs="?", default=None, help="a JSONL file of tasks")
+    demo.add_argument("--workers", type=int, default=3)
+    demo.add_argument("--backend", default=None)
+    demo.add_argument("--timeout-s", type=float, default=120.0)
+    demo.set_defaults(run=_cmd_demo)
+
+    submit = commands.add_parser("submit", help="submit a prompt or a JSONL file of tasks")
+    submit.add_argument("prompt", nargs="?", default=None)
+    submit.add_argument("--file", default=None, help="JSONL, one task per line")
+    submit.add_argument("--model", default=None)
+    submit.add_argument("--id", default=None, help="task id (default: random)")
+    submit.add_argument("--system", default=None)
+    submit.add_argument("--wait", action="store_true", help="wait for results and print them")
+    submit.add_argument("--stream", action="store_true", help="print output pieces as they arrive")
+    submit.add_argument("--timeout-s", type=float, default=300.0)
+    submit.set_defaults(run=_cmd_submit)
+
+    result = commands.add_parser("result", help="print a task's result")
+    result.add_argument("task_id")
+    result.add_argument("--wait-s", type=float, default=0.0)
+    result.set_defaults(run=_cmd_result)
+
+    workers = commands.add_parser("workers", help="list live workers")
+    workers.set_defaults(run=_cmd_workers)
+
+    schema = commands.add_parser("schema", help="print the JSON Schemas of the wire contract")
+    schema.set_defaults(run=_cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `d8` console command."""
+    args = _parser().parse_args(argv)
+    from mesh.logs import configure_logging
+
+    configure_logging(args.log_level, json_lines=args.log_json)
+    run: Command = args.run
+    try:
+        code = anyio.run(run, args)
+    except ConfigError as exc:
+        print(f"d8 {args.command}: {exc}", file=sys.stderr)  # noqa: T201
+        code = 2
+    except MeshError as exc:
+        print(f"d8 {args.command}: {exc}", file=sys.stderr)  # noqa: T201
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

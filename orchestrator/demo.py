@@ -1,0 +1,75 @@
+"""`d8 demo`: a fresh mesh runs the example D8 workload and reports what happened."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+import msgspec
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mesh.contract import Result, Task
+from mesh.errors import ConfigError
+from orchestrator.client import console, load_tasks, results_table, workers_table
+from orchestrator.core import Orchestrator
+from orchestrator.launch import mesh_running, orchestrator_settings
+
+__all__ = ["DEFAULT_WORKLOAD", "run_demo"]
+
+DEFAULT_WORKLOAD = Path("examples/d8-workload.jsonl")
+WORKERS_READY_TIMEOUT_S = 30.0
+
+NATS_CLI_HINTS = """\
+Look at what just happened with the standard `nats` CLI (--server {url}):
+  nats stream info TASKS          the work queue (empty once every task is acked)
+  nats consumer ls TASKS          one durable consumer per capability
+  nats kv ls results              one result per task id
+  nats kv get results {task_id}   one result
+  nats kv ls workers              live workers (gone after their TTL)
+  nats stream info DEAD           dead letters, with the reason in headers"""
+
+
+async def _wait_for_workers(orchestrator: Orchestrator, count: int) -> None:
+    with anyio.fail_after(WORKERS_READY_TIMEOUT_S):
+        while len(orchestrator.workers) < count:
+            await orchestrator.workers_changed.wait()
+
+
+async def run_demo(file: str | None, *, workers: int, backend: str | None, timeout_s: float) -> int:
+    """Start a mesh, run the workload, print a table and `N/N tasks ok`; 0 when all ran ok."""
+    path = Path(file) if file else DEFAULT_WORKLOAD
+    if not path.is_file():
+        raise ConfigError(f"workload {path} not found: run from the repository root or pass a JSONL file")
+    run_id = uuid.uuid4().hex[:6]
+    # A fresh id per run, so re-running within the duplicate window runs the tasks again.
+    tasks = [msgspec.structs.replace(t, id=f"{run_id}-{t.id}") for t in load_tasks(str(path))]
+
+    async with mesh_running(workers=workers, backend=backend) as mesh:
+        async with Orchestrator(orchestrator_settings(mesh.connection)) as orchestrator:
+            console.print(f"mesh up: NATS {mesh.connection.servers[0]}, starting {workers} {mesh.backend} workers")
+            await _wait_for_workers(orchestrator, workers)
+            started = time.perf_counter()
+            results = await _run_with_progress(orchestrator, tasks, timeout_s)
+            elapsed_s = time.perf_counter() - started
+            console.print(results_table(tasks, results))
+            console.print(workers_table(orchestrator.workers.values()))
+            rss = [hb.rss_mb for hb in orchestrator.workers.values()]
+
+    ok = sum(1 for r in results.values() if r.status == "ok")
+    console.print(
+        f"{len(tasks)} tasks in {elapsed_s:.2f}s ({len(tasks) / elapsed_s:.0f} tasks/s), "
+        f"worker RSS {min(rss, default=0):.0f}-{max(rss, default=0):.0f} MB"
+    )
+    print(NATS_CLI_HINTS.format(url=mesh.connection.servers[0], task_id=tasks[0].id))  # noqa: T201
+    print(f"{ok}/{len(tasks)} tasks ok")  # noqa: T201 - the contract's last line, plain
+    return 0 if ok == len(tasks) else 1
+
+
+async def _run_with_progress(orchestrator: Orchestrator, tasks: list[Task], timeout_s: float) -> dict[str, Result]:
+    columns = (TextColumn("tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("tasks", total=len(tasks))
+        _, results = await orchestrator.run(tasks, timeout_s, on_result=lambda _: progress.advance(bar))
+    return results

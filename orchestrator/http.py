@@ -1,0 +1,93 @@
+"""A small HTTP API for callers that do not speak NATS (port 7001 by default, as in D8).
+
+POST /tasks            one task or a list; `?wait=S` waits up to S seconds for results
+GET  /results/{id}     the result; `?wait=S` waits for it; 404 while there is none
+GET  /workers          live workers and their last heartbeats
+GET  /health           200 when NATS is connected, 503 otherwise
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mesh.contract import Task
+from mesh.errors import SubmitError
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from orchestrator.core import Orchestrator
+
+__all__ = ["create_app"]
+
+MAX_WAIT_S = 600.0
+_tasks_decoder = msgspec.json.Decoder(Task | list[Task])
+_encoder = msgspec.json.Encoder()
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(_encoder.encode(body), status_code=status, media_type="application/json")
+
+
+def _wait_s(request: Request) -> float:
+    raw = request.query_params.get("wait", "0")
+    try:
+        return min(MAX_WAIT_S, max(0.0, float(raw)))
+    except ValueError:
+        return 0.0
+
+
+def create_app(orchestrator: Orchestrator) -> Starlette:
+    """The Starlette app serving `orchestrator`."""
+
+    async def submit(request: Request) -> Response:
+        try:
+            decoded = _tasks_decoder.decode(await request.body())
+        except msgspec.DecodeError as exc:
+            return _json({"error": {"type": "invalid_task", "message": str(exc)}}, 400)
+        tasks = decoded if isinstance(decoded, list) else [decoded]
+        wait_s = _wait_s(request)
+        try:
+            if wait_s > 0:
+                submitted, results = await orchestrator.run(tasks, wait_s)
+            else:
+                submitted, results = await orchestrator.submit_many(tasks), {}
+        except SubmitError as exc:
+            return _json({"error": {"type": exc.type_name, "message": str(exc)}}, 503)
+        body = {
+            "submitted": [
+                {"id": s.task_id, "subject": s.subject, "duplicate": s.duplicate} for s in submitted
+            ],
+            "results": [msgspec.to_builtins(r) for r in results.values()],
+        }
+        return _json(body, 202 if len(results) < len(tasks) else 200)
+
+    async def result(request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        wait_s = _wait_s(request)
+        found = await (orchestrator.wait(task_id, wait_s) if wait_s else orchestrator.result(task_id))
+        if found is None:
+            return _json({"id": task_id, "status": "pending"}, 404)
+        return _json(found)
+
+    async def workers(request: Request) -> Response:
+        return _json({"workers": list(orchestrator.workers.values())})
+
+    async def health(request: Request) -> Response:
+        connected = orchestrator.nc.is_connected
+        body = {"status": "ok" if connected else "down", "nats": connected, "workers": len(orchestrator.workers)}
+        return _json(body, 200 if connected else 503)
+
+    return Starlette(
+        routes=[
+            Route("/tasks", submit, methods=["POST"]),
+            Route("/results/{task_id}", result, methods=["GET"]),
+            Route("/workers", workers, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ]
+    )
