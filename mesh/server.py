@@ -125,22 +125,25 @@ class EmbeddedServer:
     def stop(self) -> None:
         """Stop with SIGTERM (the server flushes JetStream), SIGKILL after a timeout."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT_S)
-        logger.info("nats-server stopped pid=%s", process.pid)
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(STOP_TIMEOUT_S)
+            logger.info("nats-server stopped pid=%s", process.pid)
+        if process.stderr is not None:
+            process.stderr.close()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would; for fault tests."""
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGKILL)
             self._process.wait(STOP_TIMEOUT_S)
-        self._process = None
+        self.stop()
 
     def __enter__(self) -> EmbeddedServer:
         self.start()

@@ -12,7 +12,9 @@ from mesh.server import EmbeddedServer
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Every coroutine test runs on anyio's asyncio backend.
+    # Every coroutine test runs on anyio's asyncio backend. Modules with parametrized
+    # coroutine tests also set `pytestmark = pytest.mark.anyio`: parametrizing happens
+    # before this hook runs.
     for item in items:
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
             item.add_marker(pytest.mark.anyio)

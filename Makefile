@@ -1,0 +1,34 @@
+# d8-mesh: `make demo` runs the example workload on a fresh mesh, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test check lint bench up clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,cloud]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/d8 demo examples/d8-workload.jsonl
+
+up: $(STAMP)
+	$(VENV)/bin/d8 up
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mesh workers orchestrator tests
+	$(VENV)/bin/ruff format --check mesh workers orchestrator tests
+
+check: lint test
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache
