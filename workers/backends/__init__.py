@@ -41,6 +41,8 @@ class BackendSettings:
     base_url: str | None = None
     timeout_s: float = 600.0
     pull: bool = False
+    #: Cloud backends: at most this many calls per minute (None: no limit).
+    rpm: float | None = None
 
 
 class Backend(Protocol):
@@ -70,6 +72,9 @@ class Backend(Protocol):
 REGISTRY: dict[str, str] = {
     "echo": "workers.backends.echo:EchoBackend",
     "ollama": "workers.backends.ollama:OllamaBackend",
+    "groq": "workers.backends.groq:GroqBackend",
+    "gemini": "workers.backends.gemini:GeminiBackend",
+    "openai": "workers.backends.openai_compat:OpenAIBackend",
 }
 
 
