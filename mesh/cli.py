@@ -201,6 +201,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _unwrapped(run: Command, args: argparse.Namespace) -> int:
+    """Run a command; a lone error raised inside a task group comes out unwrapped."""
+    try:
+        return await run(args)
+    except BaseExceptionGroup as group:
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if isinstance(inner, MeshError):
+            raise inner from None
+        raise
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `d8` console command."""
     args = _parser().parse_args(argv)
@@ -209,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, json_lines=args.log_json)
     run: Command = args.run
     try:
-        code = anyio.run(run, args)
+        code = anyio.run(_unwrapped, run, args)
     except ConfigError as exc:
         print(f"d8 {args.command}: {exc}", file=sys.stderr)  # noqa: T201
         code = 2

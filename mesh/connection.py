@@ -52,6 +52,8 @@ class ConnectionSettings:
     js_domain: str | None = None
     connect_timeout_s: float = 5.0
     reconnect_wait_s: float = 0.5
+    #: Tries at start-up (reconnect_wait_s apart); once connected, reconnects never stop.
+    connect_attempts: int = 6
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, name: str = "d8") -> ConnectionSettings:
@@ -102,9 +104,7 @@ class ConnectionSettings:
             "servers": list(self.servers),
             "name": self.name,
             "connect_timeout": self.connect_timeout_s,
-            # Long-lived processes never give up: the default gives up after ~2 minutes,
-            # after which every fetch fails even once the server is back.
-            "max_reconnect_attempts": -1,
+            "max_reconnect_attempts": self.connect_attempts,
             "reconnect_time_wait": self.reconnect_wait_s,
             "user": self.user,
             "password": self.password,
@@ -139,11 +139,14 @@ async def connect(settings: ConnectionSettings, **callbacks: Any) -> NATS:
     try:
         await nc.connect(**settings.options(), **callbacks)
     except Exception as exc:
-        # nats-py raises a bare Exception-derived error with no hint; say where and how.
+        # nats-py's errors give no hint; say where and how. Its message may hold the URL.
         raise ConfigError(
-            f"cannot connect to NATS at {shown}: {exc or type(exc).__name__}. "
+            f"cannot connect to NATS at {shown}: {type(exc).__name__}. "
             "Check NATS_URL and that the server runs (`d8 server` starts one)."
         ) from None
+    # Long-lived processes never give up once connected: nats-py's default gives up after
+    # about 2 minutes, after which every fetch fails even when the server is back.
+    nc.options["max_reconnect_attempts"] = -1
     logger.info("nats connected name=%s servers=%s", settings.name, shown)
     return nc
 
