@@ -11,19 +11,15 @@ import httpx
 import ollama
 
 from mesh.contract import Usage
-from mesh.errors import (
-    ConfigError,
-    InvalidTaskError,
-    RateLimitedError,
-    TransientError,
-    WorkerFatalError,
-)
+from mesh.errors import ConfigError, TransientError
 from workers.backends import BackendSettings, Generation, OnPiece
+from workers.backends._errors import error_for_status, redact
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from mesh.contract import Task
+    from mesh.errors import MeshError
 
 __all__ = ["OllamaBackend", "ollama_host"]
 
@@ -31,9 +27,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 # Keep the model loaded between tasks: reloading a 6.7B model from an SD card takes minutes.
-KEEP_ALIVE = "30m"
+# `D8_OLLAMA_KEEP_ALIVE` takes Ollama's own forms: "30m", "2h", "-1" (forever), "0" (unload).
+DEFAULT_KEEP_ALIVE = "30m"
+KEEP_ALIVE_VARIABLE = "D8_OLLAMA_KEEP_ALIVE"
 # Connecting is quick or never; a generation on a Pi takes minutes.
 CONNECT_TIMEOUT_S = 10.0
+# How often a pull logs its progress; a 4 GB model takes many minutes on a Pi.
+PULL_LOG_INTERVAL_S = 5.0
 
 
 def ollama_host(base_url: str | None = None) -> str:
@@ -50,9 +50,12 @@ class OllamaBackend:
 
     def __init__(self, settings: BackendSettings) -> None:
         if not settings.models:
-            raise ConfigError("the ollama backend needs a model: pass --model, e.g. deepseek-coder:1.3b")
+            raise ConfigError(
+                "the ollama backend needs a model: pass --model, e.g. deepseek-coder:1.3b"
+            )
         self.models = settings.models
         self.host = ollama_host(settings.base_url)
+        self.keep_alive = _keep_alive(os.environ.get(KEEP_ALIVE_VARIABLE, DEFAULT_KEEP_ALIVE))
         self._pull = settings.pull
         timeout = httpx.Timeout(settings.timeout_s, connect=CONNECT_TIMEOUT_S)
         self._client = ollama.AsyncClient(host=self.host, timeout=timeout)
@@ -60,6 +63,11 @@ class OllamaBackend:
     async def __aenter__(self) -> Self:
         try:
             listed = await self._client.list()
+        except ollama.ResponseError as exc:
+            raise ConfigError(
+                f"Ollama at {self.host} refused to list models ({exc.status_code}): "
+                f"{redact(exc.error or '')}; check OLLAMA_API_KEY if a proxy guards it"
+            ) from None
         except (httpx.TransportError, ConnectionError) as exc:
             raise ConfigError(
                 f"Ollama does not answer at {self.host} ({type(exc).__name__}): start it "
@@ -79,13 +87,25 @@ class OllamaBackend:
 
     async def _pull_model(self, model: str) -> None:
         logger.info("pulling model model=%s host=%s", model, self.host)
-        last_logged = 0.0
-        async for progress in await self._client.pull(model, stream=True):
-            now = time.monotonic()
-            if progress.total and now - last_logged > 5:
-                percent = 100 * (progress.completed or 0) / progress.total
-                logger.info("pull progress model=%s status=%s percent=%.0f", model, progress.status, percent)
-                last_logged = now
+        last_logged = -PULL_LOG_INTERVAL_S
+        try:
+            async for progress in await self._client.pull(model, stream=True):
+                now = time.monotonic()
+                done = progress.total and progress.completed == progress.total
+                if progress.total and (done or now - last_logged >= PULL_LOG_INTERVAL_S):
+                    percent = 100 * (progress.completed or 0) / progress.total
+                    logger.info(
+                        "pull progress model=%s status=%s percent=%.0f",
+                        model,
+                        progress.status,
+                        percent,
+                    )
+                    last_logged = now
+        except ollama.ResponseError as exc:
+            raise ConfigError(
+                f"Ollama at {self.host} could not pull {model!r}: {redact(exc.error or '')}; "
+                "check the name at https://ollama.com/library"
+            ) from None
         logger.info("model pulled model=%s", model)
 
     async def __aexit__(
@@ -103,7 +123,7 @@ class OllamaBackend:
         try:
             if on_piece is None:
                 response = await self._client.chat(
-                    model=model, messages=messages, options=options, keep_alive=KEEP_ALIVE
+                    model=model, messages=messages, options=options, keep_alive=self.keep_alive
                 )
                 return _generation(model, response.message.content or "", response, started, None)
             return await self._stream(model, messages, options, on_piece, started)
@@ -112,7 +132,9 @@ class OllamaBackend:
         except httpx.TimeoutException as exc:
             raise TransientError(f"Ollama at {self.host} timed out ({type(exc).__name__})") from exc
         except (httpx.TransportError, ConnectionError) as exc:
-            raise TransientError(f"Ollama at {self.host} unreachable ({type(exc).__name__})") from exc
+            # A stream cut mid-way (the runner was killed) arrives here too.
+            message = f"Ollama at {self.host} unreachable ({type(exc).__name__})"
+            raise TransientError(message) from exc
 
     async def _stream(
         self,
@@ -126,7 +148,7 @@ class OllamaBackend:
         first_piece_at: float | None = None
         last: Any = None
         stream = await self._client.chat(
-            model=model, messages=messages, options=options, keep_alive=KEEP_ALIVE, stream=True
+            model=model, messages=messages, options=options, keep_alive=self.keep_alive, stream=True
         )
         async for part in stream:
             last = part
@@ -157,7 +179,14 @@ def _generation(
     completion_tokens = int(getattr(response, "eval_count", 0) or 0)
     eval_ns = int(getattr(response, "eval_duration", 0) or 0)
     tokens_per_s = round(completion_tokens / (eval_ns / 1e9), 2) if eval_ns else None
-    ttft_ms = (first_piece_at - started) * 1000 if first_piece_at is not None else None
+    if first_piece_at is not None:
+        ttft_ms: float | None = round((first_piece_at - started) * 1000, 3)
+    else:
+        # Not streamed: Ollama's own figure, loading the model plus reading the prompt.
+        before_first_ns = int(getattr(response, "load_duration", 0) or 0) + int(
+            getattr(response, "prompt_eval_duration", 0) or 0
+        )
+        ttft_ms = round(before_first_ns / 1e6, 3) if before_first_ns else None
     usage = Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
@@ -167,16 +196,19 @@ def _generation(
     return Generation(text=text, model=model, usage=usage)
 
 
-def _translate(exc: ollama.ResponseError, model: str, host: str) -> Exception:
+def _keep_alive(value: str) -> str | float:
+    """Ollama's keep_alive: a duration string as given, a bare number as seconds."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _translate(exc: ollama.ResponseError, model: str, host: str) -> MeshError:
     status = exc.status_code
-    detail = (exc.error or "")[:300]
-    if status == 404:
-        return WorkerFatalError(f"model {model!r} is not available in Ollama at {host}: {detail}")
-    if status == 429:
-        return RateLimitedError(f"Ollama is rate limiting: {detail}")
-    if status in (400, 413, 422):
-        return InvalidTaskError(f"Ollama rejected the task ({status}): {detail}")
-    if status in (401, 403):
-        return WorkerFatalError(f"Ollama at {host} refused our credentials ({status})")
-    # 5xx, 503 "server busy", and in-stream errors (status -1) may pass.
-    return TransientError(f"Ollama error ({status}): {detail}")
+    detail = redact(exc.error or "")
+    if status < 0:
+        # An error line inside a stream (status -1): the runner failed mid-generation.
+        return TransientError(f"Ollama at {host} failed mid-stream: {detail}")
+    # Ollama sends no retry-after, and its client would not show one; 429 backs off.
+    return error_for_status(status, detail, provider=f"Ollama at {host}", model=model)
