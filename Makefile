@@ -18,7 +18,12 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/d8 up
 
-test: $(STAMP)
+NODE_DEPS := tests/node/node_modules/nats/package.json
+
+$(NODE_DEPS): tests/node/package.json
+	cd tests/node && npm install --no-audit --no-fund --no-package-lock --silent
+
+test: $(STAMP) $(NODE_DEPS)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -1,0 +1,65 @@
+"""The orchestrator's HTTP API, served by a real server on a loopback port."""
+
+from __future__ import annotations
+
+import socket
+
+import anyio
+import httpx
+import pytest
+
+from orchestrator.launch import serve_http
+from tests.helpers import orchestrator_for, poll_until, running_worker, worker_settings
+
+pytestmark = pytest.mark.anyio
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    stop = anyio.Event()
+    async with orchestrator_for(nats_url) as orch, running_worker(worker_settings(nats_url)) as worker:
+        async with anyio.create_task_group() as group, httpx.AsyncClient(base_url=base, timeout=10) as http:
+            group.start_soon(serve_http, orch, "127.0.0.1", port, stop)
+            await poll_until(lambda: _answers(http), what="http server")
+
+            one = await http.post("/tasks?wait=10", json={"id": "h-1", "prompt": "hello"})
+            assert one.status_code == 200
+            assert one.json()["results"][0]["output"] == "echo: hello"
+
+            batch = await http.post("/tasks", json=[{"id": "h-2", "prompt": "a"}, {"id": "h-3", "prompt": "b"}])
+            assert batch.status_code == 202
+            assert [s["id"] for s in batch.json()["submitted"]] == ["h-2", "h-3"]
+            waited = await http.get("/results/h-3?wait=10")
+            assert waited.status_code == 200 and waited.json()["status"] == "ok"
+
+            again = await http.post("/tasks?wait=10", json={"id": "h-1", "prompt": "hello"})
+            assert again.json()["submitted"][0]["duplicate"] is True
+            assert again.json()["results"][0]["id"] == "h-1"
+
+            bad = await http.post("/tasks", content=b'{"id": "h 4", "prompt": "x"}')
+            assert bad.status_code == 400
+            assert "Expected `str` matching regex" in bad.json()["error"]["message"]
+
+            missing = await http.get("/results/nope")
+            assert (missing.status_code, missing.json()["status"]) == (404, "pending")
+
+            await poll_until(lambda: worker.worker_id in orch.workers, what="heartbeat")
+            workers = (await http.get("/workers")).json()["workers"]
+            assert [w["worker_id"] for w in workers] == [worker.worker_id]
+            health = await http.get("/health")
+            assert health.status_code == 200 and health.json()["nats"] is True
+            stop.set()
+
+
+async def _answers(http: httpx.AsyncClient) -> bool:
+    try:
+        return (await http.get("/health")).status_code == 200
+    except httpx.TransportError:
+        return False
