@@ -42,7 +42,7 @@ def _documented_lines() -> list[str]:
     lines = []
     for name in DOCUMENTS:
         for line in (ROOT / name).read_text().splitlines():
-            found = re.search(r"(?:^|`)(nats (?:sub|pub|req|kv|stream|consumer)\b[^`#&]*)", line.strip())
+            found = re.search(r"(?:^|`)(nats (?:sub|pub|req|kv|stream|consumer) [^`#&]+)", line.strip())
             if found:
                 lines.append(found.group(1).strip())
     return lines
