@@ -156,10 +156,14 @@ def workers_table(heartbeats: Iterable[Heartbeat]) -> Table:
     return table
 
 
-def results_table(tasks: Iterable[Task], results: dict[str, Result], width: int = 60) -> Table:
+def results_table(tasks: Iterable[Task], results: dict[str, Result], width: int = 48) -> Table:
     table = Table(title="results")
-    for column in ("task", "status", "worker", "attempt", "ms", "output / error"):
-        table.add_column(column, overflow="ellipsis", no_wrap=True)
+    table.add_column("task", no_wrap=True)
+    table.add_column("status", no_wrap=True, min_width=7)
+    table.add_column("worker", no_wrap=True, overflow="ellipsis", max_width=24)
+    table.add_column("try", no_wrap=True, justify="right")
+    table.add_column("ms", no_wrap=True, justify="right", min_width=6)
+    table.add_column("output / error", no_wrap=True, overflow="ellipsis")
     for task in tasks:
         result = results.get(task.id)
         if result is None:
@@ -172,4 +176,3 @@ def results_table(tasks: Iterable[Task], results: dict[str, Result], width: int 
             f"{result.timings.total_ms:.1f}", text[:width],
         )
     return table
-
