@@ -1,0 +1,99 @@
+"""The `d8` command end to end: `up`, then `submit`, `result` and `workers` against it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _d8(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mesh.cli", *args], env=env, capture_output=True, text=True,
+        timeout=timeout_s, check=False, cwd=ROOT,
+    )
+
+
+def _wait_for_url(log: Path, process: subprocess.Popen[bytes], timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = re.search(r"d8 mesh up: NATS (nats://\S+),", log.read_text(errors="replace"))
+        if found:
+            return found.group(1)
+        assert process.poll() is None, log.read_text()
+        time.sleep(0.05)  # polling a log file with a deadline, not synchronising on time
+    raise AssertionError(f"d8 up did not start: {log.read_text()}")
+
+
+def test_d8_up_serves_submit_result_and_workers(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {
+        **os.environ, "PYTHONPATH": str(ROOT), "D8_STORE_DIR": str(tmp_path / "store"),
+        "OLLAMA_HOST": f"127.0.0.1:{_free_port()}", "NATS_URL": "",
+    }
+    env.pop("NATS_URL")
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "mesh.cli", "up", "--workers", "2", "--http-port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+    try:
+        url = _wait_for_url(log, up)
+        client_env = {**env, "NATS_URL": url}
+
+        submitted = _d8("submit", "hello mesh", "--id", "cli-1", "--wait", "--timeout-s", "30", env=client_env)
+        assert submitted.returncode == 0, submitted.stderr
+        assert "1/1 tasks ok" in submitted.stdout
+
+        result = _d8("result", "cli-1", env=client_env)
+        assert result.returncode == 0 and '"output": "echo: hello mesh"' in result.stdout
+
+        missing = _d8("result", "never-submitted", env=client_env)
+        assert missing.returncode == 1 and "no result for never-submitted yet" in missing.stderr
+
+        workers = _d8("workers", env=client_env)
+        assert workers.returncode == 0 and workers.stdout.count("echo") >= 2
+
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert health.json()["workers"] == 2
+        assert "no Ollama answers at OLLAMA_HOST" in log.read_text()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(60)
+    assert code == 0, log.read_text()[-2000:]
+
+
+def test_submit_refuses_a_bad_jsonl_file_before_sending_anything(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "ok-1", "prompt": "fine"}\n{"id": "bad 2", "prompt": "x"}\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": "nats://127.0.0.1:1"}
+    done = _d8("submit", "--file", str(tasks), env=env)
+    assert done.returncode == 2
+    assert f"{tasks}:2: not a valid task: Expected `str` matching regex" in done.stderr
+
+
+@pytest.mark.parametrize("workload", ["examples/d8-workload.jsonl"])
+def test_the_example_workload_is_valid_and_realistic(workload: str) -> None:
+    from orchestrator.client import load_tasks
+
+    tasks = load_tasks(str(ROOT / workload))
+    kinds = {t.metadata["kind"] for t in tasks}
+    assert len(tasks) >= 50
+    assert kinds == {"mutate", "crossover", "score"}
