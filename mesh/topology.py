@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+import nats.errors
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -23,7 +24,11 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from mesh.errors import ConfigError
+
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from nats.js import JetStreamContext
 
 __all__ = [
@@ -198,12 +203,31 @@ def consumer_config(capability: Capability, settings: TopologySettings) -> Consu
     )
 
 
+_T = TypeVar("_T")
+
+
+async def _create(what: str, call: Awaitable[_T]) -> _T:
+    """Run a create call; a timeout becomes a fix-it error.
+
+    A NATS user without the right to create (a worker under deploy/nats permissions) gets
+    no answer at all: the server drops the request and the client times out.
+    """
+    try:
+        return await call
+    except nats.errors.TimeoutError:
+        raise ConfigError(
+            f"{what} is missing and creating it got no answer: this NATS user may not create it "
+            "(workers may not), or JetStream is down. Start the orchestrator first: it declares "
+            "the streams, buckets and the consumers of the models in its D8_MODELS"
+        ) from None
+
+
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: bool) -> None:
     assert config.name is not None
     try:
         info = await js.stream_info(config.name)
     except NotFoundError:
-        await js.add_stream(config)
+        await _create(f"stream {config.name}", js.add_stream(config))
         logger.info("stream created name=%s", config.name)
         return
     if update and _differs(info.config, config):
@@ -223,7 +247,7 @@ async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
     try:
         await js.key_value(config.bucket)
     except NotFoundError:
-        await js.create_key_value(config)
+        await _create(f"bucket {config.bucket}", js.create_key_value(config))
         logger.info("bucket created name=%s", config.bucket)
 
 
@@ -272,5 +296,8 @@ async def declare_capability(
             pass
         else:
             return info.config
-    info = await js.add_consumer(TASKS_STREAM, consumer_config(capability, settings))
+    info = await _create(
+        f"consumer {capability.consumer} on {TASKS_STREAM}",
+        js.add_consumer(TASKS_STREAM, consumer_config(capability, settings)),
+    )
     return info.config
