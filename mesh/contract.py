@@ -137,6 +137,9 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, Any] = {}
     finished_at: float = 0.0
     chunks: int = 0
+    #: The queue (`kind/token`) the task ran from; differs from the asked-for model's when
+    #: the orchestrator routed it along a fallback chain.
+    capability: str | None = None
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
@@ -156,6 +159,12 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     completed: int = 0
     failed: int = 0
     sent_at: float = 0.0
+    #: One-minute load average of the host.
+    load_1m: float | None = None
+    #: SoC temperature in degrees Celsius, where the thermal zone is readable.
+    soc_temp_c: float | None = None
+    #: `vcgencmd get_throttled` bits on a Raspberry Pi (0: all fine).
+    throttled: int | None = None
 
 
 _encoder = msgspec.json.Encoder()

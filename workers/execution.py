@@ -123,7 +123,10 @@ class TaskRunner:
 
         published_at = metadata.timestamp.timestamp()
         deadline = task_deadline(task, published_at)
-        base = _Base(task, attempt, published_at, received_at, self._worker_id, self._backend.name)
+        base = _Base(
+            task, attempt, published_at, received_at, self._worker_id, self._backend.name,
+            str(Capability.from_subject(msg.subject)),
+        )
         if deadline is not None and received_at >= deadline:
             await self._finish(msg, base.expired("deadline passed while queued"), task.reply_to)
             return Outcome("expired", task.id, attempt)
@@ -263,6 +266,7 @@ class _Base:
     received_at: float
     worker_id: str
     backend: str
+    capability: str | None = None
 
     def _timings(self) -> tuple[Timings, float]:
         now = time.time()
@@ -286,6 +290,7 @@ class _Base:
             timings=timings,
             metadata=self.task.metadata,
             finished_at=now,
+            capability=self.capability,
             **fields,  # type: ignore[arg-type]
         )
 

@@ -32,6 +32,7 @@ from mesh.topology import (
 )
 from workers.backends import BackendSettings, load_backend
 from workers.execution import RetryPolicy, TaskRunner
+from workers.host_facts import HostFactsReader
 from workers.puller import Puller
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class Worker:
         self.failed = 0
         self.fatal: WorkerFatalError | None = None
         self.ready = anyio.Event()
+        #: Load, SoC temperature and throttling for the heartbeat; tests may swap the paths.
+        self.host_facts = HostFactsReader()
         self._stop = anyio.Event()
         self._changed = anyio.Event()
         self._stopping = False
@@ -277,6 +280,9 @@ class Worker:
             completed=self.completed,
             failed=self.failed,
             sent_at=time.time(),
+            load_1m=self.host_facts.latest.load_1m,
+            soc_temp_c=self.host_facts.latest.soc_temp_c,
+            throttled=self.host_facts.latest.throttled,
         )
 
     async def _beat(self) -> None:
@@ -284,6 +290,7 @@ class Worker:
         subject = heartbeat_subject(self.worker_id)
         while True:
             try:
+                await self.host_facts.refresh()
                 await self._nc.publish(subject, encode(self.heartbeat()))
             except Exception as exc:  # a missed beat is logged; the next one may pass
                 logger.warning("heartbeat failed worker_id=%s error=%s", self.worker_id, exc)
