@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 # nats-py keeps this many publish_async acks in flight; more waits for room.
 _PUBLISH_WINDOW = 512
+# nats-py's `publish_async_max_pending` default, and how long a full window may stall.
+_ASYNC_MAX_PENDING = 4000
+_STALL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -168,8 +171,11 @@ class Orchestrator:
         for task in tasks:
             subject = self.subject_for(task)
             await self._declare(Capability.from_subject(subject))
+            # With a stall timeout nats-py wraps every publish in a task and a timer and yields
+            # to the loop, so each task left in its own write; wait with one only when full.
+            stall = _STALL_S if self.js.publish_async_pending() >= _ASYNC_MAX_PENDING - 1 else None
             future = await self.js.publish_async(
-                subject, encode(task), headers={"Nats-Msg-Id": task.id}, wait_stall=30
+                subject, encode(task), headers={"Nats-Msg-Id": task.id}, wait_stall=stall
             )
             pending.append((task.id, subject, future))
         submitted = []
