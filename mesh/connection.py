@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -15,6 +14,8 @@ from nats.aio.client import Client as NATSClient
 from mesh.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from nats.aio.client import Client as NATS
     from nats.js import JetStreamContext
 
@@ -56,7 +57,9 @@ class ConnectionSettings:
     connect_attempts: int = 6
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, name: str = "d8") -> ConnectionSettings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, name: str = "d8"
+    ) -> ConnectionSettings:
         """Read `NATS_URL` (comma-separated), credentials and TLS files from the environment."""
         env = os.environ if env is None else env
         url = env.get("NATS_URL", "").strip()

@@ -210,7 +210,11 @@ def json_schemas() -> dict[str, Any]:
         [Task, Result, Heartbeat], ref_template="#/$defs/{name}"
     )
     return {
-        name: {"$schema": "https://json-schema.org/draft/2020-12/schema", **ref, "$defs": components}
+        name: {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            **ref,
+            "$defs": components,
+        }
         for name, ref in (("Task", task), ("Result", result), ("Heartbeat", heartbeat))
     }
 

@@ -39,7 +39,9 @@ def configure_logging(level: str = "info", *, json_lines: bool = False) -> None:
     if json_lines:
         handler.setFormatter(_JsonFormatter())
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
+        formatter = logging.Formatter(
+            "%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"
+        )
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     root = logging.getLogger()

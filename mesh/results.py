@@ -31,7 +31,9 @@ _CREATE_ONLY = {"Nats-Expected-Last-Subject-Sequence": "0"}
 _KV_STREAM = f"KV_{RESULTS_BUCKET}"
 
 
-async def write_result_once(js: JetStreamContext, result: Result, data: bytes | None = None) -> bool:
+async def write_result_once(
+    js: JetStreamContext, result: Result, data: bytes | None = None
+) -> bool:
     """Store `result` unless the task already has one; return whether this call stored it.
 
     Two attempts of one task can race (a redelivery while the first worker still runs); the

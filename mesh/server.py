@@ -12,11 +12,14 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+from typing import TYPE_CHECKING
 
 import platformdirs
 
 from mesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    from types import TracebackType
 
 __all__ = ["EmbeddedServer", "default_store_dir", "find_server_binary"]
 
@@ -101,8 +104,14 @@ class EmbeddedServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                error = self._process.stderr.read().decode(errors="replace") if self._process.stderr else ""
-                raise ConfigError(f"nats-server exited at start: {error.strip() or self._log_tail()}")
+                error = (
+                    self._process.stderr.read().decode(errors="replace")
+                    if self._process.stderr
+                    else ""
+                )
+                raise ConfigError(
+                    f"nats-server exited at start: {error.strip() or self._log_tail()}"
+                )
             try:
                 ports = json.loads(ports_file.read_text())
             except (FileNotFoundError, json.JSONDecodeError):
@@ -111,10 +120,17 @@ class EmbeddedServer:
             self.url = ports["nats"][0]
             self.monitor_url = (ports.get("monitoring") or [""])[0]
             self.port = int(self.url.rsplit(":", 1)[1])
-            logger.info("nats-server started pid=%s url=%s store=%s", self._process.pid, self.url, self.store_dir)
+            logger.info(
+                "nats-server started pid=%s url=%s store=%s",
+                self._process.pid,
+                self.url,
+                self.store_dir,
+            )
             return self.url
         self.stop()
-        raise ConfigError(f"nats-server did not start within {START_TIMEOUT_S:.0f}s: {self._log_tail()}")
+        raise ConfigError(
+            f"nats-server did not start within {START_TIMEOUT_S:.0f}s: {self._log_tail()}"
+        )
 
     def _log_tail(self) -> str:
         try:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from mesh.errors import ConfigError
 from mesh.topology import TopologySettings
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = ["env_bool", "env_float", "env_int", "topology_from_env"]
 
@@ -19,7 +22,9 @@ def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: flo
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number; set it like {name}={default:g}") from None
+        raise ConfigError(
+            f"{name}={raw!r} is not a number; set it like {name}={default:g}"
+        ) from None
     if value < minimum:
         raise ConfigError(f"{name}={raw} is below {minimum:g}; set it like {name}={default:g}")
     return value
@@ -33,7 +38,9 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number; set it like {name}={default}") from None
+        raise ConfigError(
+            f"{name}={raw!r} is not a whole number; set it like {name}={default}"
+        ) from None
     if value < minimum:
         raise ConfigError(f"{name}={raw} is below {minimum}; set it like {name}={default}")
     return value
@@ -58,11 +65,17 @@ def topology_from_env(env: Mapping[str, str] | None = None) -> TopologySettings:
     settings = TopologySettings(
         ack_wait_s=env_float(env, "D8_ACK_WAIT_S", defaults.ack_wait_s, minimum=1),
         max_deliver=env_int(env, "D8_MAX_DELIVER", defaults.max_deliver, minimum=1),
-        duplicate_window_s=env_float(env, "D8_DUPLICATE_WINDOW_S", defaults.duplicate_window_s, minimum=1),
+        duplicate_window_s=env_float(
+            env, "D8_DUPLICATE_WINDOW_S", defaults.duplicate_window_s, minimum=1
+        ),
         results_ttl_s=env_float(env, "D8_RESULTS_TTL_S", defaults.results_ttl_s, minimum=1),
-        heartbeat_interval_s=env_float(env, "D8_HEARTBEAT_S", defaults.heartbeat_interval_s, minimum=0.5),
+        heartbeat_interval_s=env_float(
+            env, "D8_HEARTBEAT_S", defaults.heartbeat_interval_s, minimum=0.5
+        ),
         replicas=env_int(env, "D8_REPLICAS", defaults.replicas, minimum=1),
     )
     if settings.replicas not in (1, 3, 5):
-        raise ConfigError(f"D8_REPLICAS={settings.replicas}: JetStream replicas should be 1, 3 or 5")
+        raise ConfigError(
+            f"D8_REPLICAS={settings.replicas}: JetStream replicas should be 1, 3 or 5"
+        )
     return settings

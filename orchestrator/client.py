@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import uuid
@@ -19,11 +18,19 @@ from mesh.topology import WORKERS_BUCKET, chunk_subject
 from orchestrator.core import Orchestrator, OrchestratorSettings
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Iterable
 
     from nats.aio.msg import Msg
 
-__all__ = ["load_tasks", "result_command", "results_table", "submit_command", "workers_command", "workers_table"]
+__all__ = [
+    "load_tasks",
+    "result_command",
+    "results_table",
+    "submit_command",
+    "workers_command",
+    "workers_table",
+]
 
 # Wide enough for the tables when output goes to a file or a pipe (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -62,7 +69,9 @@ def _task_from_args(args: argparse.Namespace) -> Task:
         raise ConfigError("give a prompt, or --file with a JSONL file of tasks")
     task_id = args.id or uuid.uuid4().hex[:16]
     try:
-        return Task(id=task_id, prompt=args.prompt, model=args.model, system=args.system, stream=args.stream)
+        return Task(
+            id=task_id, prompt=args.prompt, model=args.model, system=args.system, stream=args.stream
+        )
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"bad task: {exc}") from None
 
@@ -98,7 +107,9 @@ async def _submit_streaming(orchestrator: Orchestrator, task: Task, timeout_s: f
     sys.stdout.write("\n")
     result = results.get(task.id)
     if result is None:
-        err_console.print(f"no result within {timeout_s:g}s; `d8 result {task.id}` looks again later")
+        err_console.print(
+            f"no result within {timeout_s:g}s; `d8 result {task.id}` looks again later"
+        )
         return 1
     if result.status != "ok":
         err_console.print(f"{result.status}: {result.error.message if result.error else ''}")
@@ -145,13 +156,28 @@ async def _keys(kv: object) -> list[str]:
 
 def workers_table(heartbeats: Iterable[Heartbeat]) -> Table:
     table = Table(title="live workers")
-    for column in ("worker", "backend", "models", "in flight", "done", "failed", "RSS MB", "last beat"):
+    for column in (
+        "worker",
+        "backend",
+        "models",
+        "in flight",
+        "done",
+        "failed",
+        "RSS MB",
+        "last beat",
+    ):
         table.add_column(column)
     now = time.time()
     for hb in sorted(heartbeats, key=lambda h: h.worker_id):
         table.add_row(
-            hb.worker_id, hb.backend, ",".join(hb.models), f"{hb.in_flight}/{hb.concurrency}",
-            str(hb.completed), str(hb.failed), f"{hb.rss_mb:.0f}", f"{max(0.0, now - hb.sent_at):.1f}s ago",
+            hb.worker_id,
+            hb.backend,
+            ",".join(hb.models),
+            f"{hb.in_flight}/{hb.concurrency}",
+            str(hb.completed),
+            str(hb.failed),
+            f"{hb.rss_mb:.0f}",
+            f"{max(0.0, now - hb.sent_at):.1f}s ago",
         )
     return table
 
@@ -169,10 +195,18 @@ def results_table(tasks: Iterable[Task], results: dict[str, Result], width: int 
         if result is None:
             table.add_row(task.id, "missing", "", "", "", "no result in time")
             continue
-        text = result.output if result.status == "ok" else (result.error.message if result.error else "")
+        text = (
+            result.output
+            if result.status == "ok"
+            else (result.error.message if result.error else "")
+        )
         text = " ".join(text.split())
         table.add_row(
-            task.id, result.status, result.worker_id or "", str(result.attempt),
-            f"{result.timings.total_ms:.1f}", text[:width],
+            task.id,
+            result.status,
+            result.worker_id or "",
+            str(result.attempt),
+            f"{result.timings.total_ms:.1f}",
+            text[:width],
         )
     return table

@@ -5,16 +5,19 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mesh.contract import Result, Task
 from mesh.errors import ConfigError
 from orchestrator.client import console, load_tasks, results_table, workers_table
 from orchestrator.core import Orchestrator
 from orchestrator.launch import mesh_running, orchestrator_settings
+
+if TYPE_CHECKING:
+    from mesh.contract import Result, Task
 
 __all__ = ["DEFAULT_WORKLOAD", "run_demo"]
 
@@ -41,14 +44,17 @@ async def run_demo(file: str | None, *, workers: int, backend: str | None, timeo
     """Start a mesh, run the workload, print a table and `N/N tasks ok`; 0 when all ran ok."""
     path = Path(file) if file else DEFAULT_WORKLOAD
     if not path.is_file():
-        raise ConfigError(f"workload {path} not found: run from the repository root or pass a JSONL file")
+        raise ConfigError(
+            f"workload {path} not found: run from the repository root or pass a JSONL file"
+        )
     run_id = uuid.uuid4().hex[:6]
     # A fresh id per run, so re-running within the duplicate window runs the tasks again.
     tasks = [msgspec.structs.replace(t, id=f"{run_id}-{t.id}") for t in load_tasks(str(path))]
 
     async with mesh_running(workers=workers, backend=backend) as mesh:
         async with Orchestrator(orchestrator_settings(mesh.connection)) as orchestrator:
-            console.print(f"mesh up: NATS {mesh.connection.servers[0]}, starting {workers} {mesh.backend} workers")
+            url = mesh.connection.servers[0]
+            console.print(f"mesh up: NATS {url}, starting {workers} {mesh.backend} workers")
             await _wait_for_workers(orchestrator, workers)
             started = time.perf_counter()
             results = await _run_with_progress(orchestrator, tasks, timeout_s)
@@ -67,9 +73,13 @@ async def run_demo(file: str | None, *, workers: int, backend: str | None, timeo
     return 0 if ok == len(tasks) else 1
 
 
-async def _run_with_progress(orchestrator: Orchestrator, tasks: list[Task], timeout_s: float) -> dict[str, Result]:
+async def _run_with_progress(
+    orchestrator: Orchestrator, tasks: list[Task], timeout_s: float
+) -> dict[str, Result]:
     columns = (TextColumn("tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("tasks", total=len(tasks))
-        _, results = await orchestrator.run(tasks, timeout_s, on_result=lambda _: progress.advance(bar))
+        _, results = await orchestrator.run(
+            tasks, timeout_s, on_result=lambda _: progress.advance(bar)
+        )
     return results

@@ -70,7 +70,9 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
     async def result(request: Request) -> Response:
         task_id = request.path_params["task_id"]
         wait_s = _wait_s(request)
-        found = await (orchestrator.wait(task_id, wait_s) if wait_s else orchestrator.result(task_id))
+        found = await (
+            orchestrator.wait(task_id, wait_s) if wait_s else orchestrator.result(task_id)
+        )
         if found is None:
             return _json({"id": task_id, "status": "pending"}, 404)
         return _json(found)
@@ -80,7 +82,11 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
 
     async def health(request: Request) -> Response:
         connected = orchestrator.nc.is_connected
-        body = {"status": "ok" if connected else "down", "nats": connected, "workers": len(orchestrator.workers)}
+        body = {
+            "status": "ok" if connected else "down",
+            "nats": connected,
+            "workers": len(orchestrator.workers),
+        }
         return _json(body, 200 if connected else 503)
 
     return Starlette(

@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -19,6 +18,8 @@ from mesh.server import EmbeddedServer
 from orchestrator.core import Orchestrator, OrchestratorSettings
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from mesh.server import EmbeddedServer as _Server
 
 __all__ = ["MeshProcesses", "detect_ollama", "mesh_running", "serve_http"]
@@ -71,8 +72,16 @@ class MeshProcesses:
     model: str | None
 
 
-def _spawn_worker(connection: ConnectionSettings, backend: str, model: str | None, index: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "mesh.cli", "--log-level", os.environ.get("D8_WORKER_LOG_LEVEL", "warning")]
+def _spawn_worker(
+    connection: ConnectionSettings, backend: str, model: str | None, index: int
+) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "mesh.cli",
+        "--log-level",
+        os.environ.get("D8_WORKER_LOG_LEVEL", "warning"),
+    ]
     command += ["worker", "--backend", backend]
     if model:
         command += ["--model", model]

@@ -6,10 +6,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -17,6 +16,9 @@ from mesh.connection import ConnectionSettings
 from mesh.topology import TopologySettings
 from orchestrator.core import Orchestrator, OrchestratorSettings
 from workers.runtime import Worker, WorkerSettings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
 __all__ = [
     "ROOT",
@@ -91,12 +93,16 @@ async def orchestrator_for(url: str, **overrides: Any) -> AsyncIterator[Orchestr
 class WorkerProcess:
     """A real `d8 worker` process, for behaviour that crosses processes (kills, signals)."""
 
-    def __init__(self, url: str, *args: str, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, url: str, *args: str, env: dict[str, str] | None = None, log_path: Path | None = None
+    ) -> None:
         command = [sys.executable, "-m", "mesh.cli", "worker", *args]
         full_env = {**os.environ, "NATS_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
         self.log_path = log_path
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(command, env=full_env, stdout=self._log, stderr=self._log, cwd=ROOT)
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            command, env=full_env, stdout=self._log, stderr=self._log, cwd=ROOT
+        )
 
     @property
     def pid(self) -> int:

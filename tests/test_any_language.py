@@ -19,14 +19,20 @@ NODE_DIR = ROOT / "tests" / "node"
 async def test_a_node_client_submits_a_task_and_gets_the_result(nats_url: str) -> None:
     node = shutil.which("node")
     assert node is not None, "Node.js is needed for this test (Debian package nodejs)"
-    assert (NODE_DIR / "node_modules" / "nats").is_dir(), "run `make test` (it runs npm install in tests/node)"
+    assert (NODE_DIR / "node_modules" / "nats").is_dir(), (
+        "run `make test` (it runs npm install in tests/node)"
+    )
 
     async with orchestrator_for(nats_url), running_worker(worker_settings(nats_url)) as worker:
         done = await anyio.to_thread.run_sync(
             lambda: subprocess.run(
                 [node, "submit.mjs", "from-node-1", "score this answer"],
-                cwd=NODE_DIR, env={"NATS_URL": nats_url, "PATH": "/usr/bin:/bin"},
-                capture_output=True, text=True, timeout=60, check=False,
+                cwd=NODE_DIR,
+                env={"NATS_URL": nats_url, "PATH": "/usr/bin:/bin"},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
         )
     assert done.returncode == 0, done.stderr

@@ -9,12 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from tests.helpers import ROOT
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _free_port() -> int:
@@ -25,8 +28,13 @@ def _free_port() -> int:
 
 def _d8(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *args], env=env, capture_output=True, text=True,
-        timeout=timeout_s, check=False, cwd=ROOT,
+        [sys.executable, "-m", "mesh.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=ROOT,
     )
 
 
@@ -44,21 +52,29 @@ def _wait_for_url(log: Path, process: subprocess.Popen[bytes], timeout_s: float 
 def test_d8_up_serves_submit_result_and_workers(tmp_path: Path) -> None:
     port = _free_port()
     env = {
-        **os.environ, "PYTHONPATH": str(ROOT), "D8_STORE_DIR": str(tmp_path / "store"),
-        "OLLAMA_HOST": f"127.0.0.1:{_free_port()}", "NATS_URL": "",
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "D8_STORE_DIR": str(tmp_path / "store"),
+        "OLLAMA_HOST": f"127.0.0.1:{_free_port()}",
+        "NATS_URL": "",
     }
     env.pop("NATS_URL")
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen(
             [sys.executable, "-m", "mesh.cli", "up", "--workers", "2", "--http-port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
     try:
         url = _wait_for_url(log, up)
         client_env = {**env, "NATS_URL": url}
 
-        submitted = _d8("submit", "hello mesh", "--id", "cli-1", "--wait", "--timeout-s", "30", env=client_env)
+        submitted = _d8(
+            "submit", "hello mesh", "--id", "cli-1", "--wait", "--timeout-s", "30", env=client_env
+        )
         assert submitted.returncode == 0, submitted.stderr
         assert "1/1 tasks ok" in submitted.stdout
 

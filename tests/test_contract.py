@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.contract import Result, Task, decode_heartbeat, decode_result, decode_task, encode, json_schemas
+from mesh.contract import (
+    Result,
+    Task,
+    decode_heartbeat,
+    decode_result,
+    decode_task,
+    encode,
+    json_schemas,
+)
 from mesh.topology import Capability, model_token, task_subject
 
 
@@ -26,11 +34,20 @@ def test_prompt_task_round_trips() -> None:
         (b'{"prompt": "x"}', "missing required field `id`"),
         (b'{"id": "a.b", "prompt": "x"}', r"Expected `str` matching regex"),
         (b'{"id": "a", "prompt": 3}', r"Expected `str \| null`, got `int` - at `\$.prompt`"),
-        (b'{"id": "a", "prompt": "x", "max_token": 5}', "Object contains unknown field `max_token`"),
+        (
+            b'{"id": "a", "prompt": "x", "max_token": 5}',
+            "Object contains unknown field `max_token`",
+        ),
         (b'{"id": "a"}', "give exactly one of `prompt` and `messages`"),
-        (b'{"id": "a", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}', "exactly one"),
+        (
+            b'{"id": "a", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
+            "exactly one",
+        ),
         (b'{"id": "a", "messages": []}', "`messages` is empty"),
-        (b'{"id": "a", "messages": [{"role": "robot", "content": "y"}]}', r"at `\$.messages\[0\].role`"),
+        (
+            b'{"id": "a", "messages": [{"role": "robot", "content": "y"}]}',
+            r"at `\$.messages\[0\].role`",
+        ),
         (b'{"id": "a", "prompt": "x", "options": {"temperature": 9}}', r"Expected `float` <= 2"),
         (b'{"id": "a", "prompt": "x", "timeout_s": 0}', r"Expected `float` > 0"),
     ],
@@ -41,7 +58,9 @@ def test_bad_tasks_are_refused_with_a_clear_message(payload: bytes, message: str
 
 
 def test_deeply_nested_json_is_refused_not_crashing() -> None:
-    nested = b'{"id": "a", "prompt": "x", "metadata": {"m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    nested = (
+        b'{"id": "a", "prompt": "x", "metadata": {"m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    )
     with pytest.raises((msgspec.DecodeError, RecursionError)):
         decode_task(nested)
 
@@ -52,16 +71,28 @@ def test_result_and_heartbeat_ignore_unknown_fields() -> None:
     result["new_fact"] = 1
     assert decode_result(json.dumps(result).encode()).id == "a"
     heartbeat = {
-        "worker_id": "w", "host": "h", "arch": "x", "capabilities": [], "backend": "echo",
-        "models": [], "concurrency": 1, "in_flight": 0, "started_at": 0, "version": "0",
-        "rss_mb": 1.0, "soc_temp_c": 50,
+        "worker_id": "w",
+        "host": "h",
+        "arch": "x",
+        "capabilities": [],
+        "backend": "echo",
+        "models": [],
+        "concurrency": 1,
+        "in_flight": 0,
+        "started_at": 0,
+        "version": "0",
+        "rss_mb": 1.0,
+        "soc_temp_c": 50,
     }
     assert decode_heartbeat(json.dumps(heartbeat).encode()).worker_id == "w"
 
 
 def test_chat_messages_put_the_system_prompt_first() -> None:
     task = Task(id="a", prompt="q", system="be brief")
-    assert [(m.role, m.content) for m in task.chat_messages()] == [("system", "be brief"), ("user", "q")]
+    assert [(m.role, m.content) for m in task.chat_messages()] == [
+        ("system", "be brief"),
+        ("user", "q"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -110,13 +141,20 @@ def test_decoding_arbitrary_bytes_either_works_or_raises_decode_error(data: byte
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["id", "prompt", "messages", "model", "options", "metadata", "x"]), json_values))
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "prompt", "messages", "model", "options", "metadata", "x"]),
+        json_values,
+    )
+)
 def test_decoding_arbitrary_json_objects_never_raises_anything_else(obj: dict[str, object]) -> None:
     try:
         decode_task(json.dumps(obj).encode())

@@ -24,8 +24,14 @@ async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     stop = anyio.Event()
-    async with orchestrator_for(nats_url) as orch, running_worker(worker_settings(nats_url)) as worker:
-        async with anyio.create_task_group() as group, httpx.AsyncClient(base_url=base, timeout=10) as http:
+    async with (
+        orchestrator_for(nats_url) as orch,
+        running_worker(worker_settings(nats_url)) as worker,
+    ):
+        async with (
+            anyio.create_task_group() as group,
+            httpx.AsyncClient(base_url=base, timeout=10) as http,
+        ):
             group.start_soon(serve_http, orch, "127.0.0.1", port, stop)
             await poll_until(lambda: _answers(http), what="http server")
 
@@ -33,7 +39,9 @@ async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
             assert one.status_code == 200
             assert one.json()["results"][0]["output"] == "echo: hello"
 
-            batch = await http.post("/tasks", json=[{"id": "h-2", "prompt": "a"}, {"id": "h-3", "prompt": "b"}])
+            batch = await http.post(
+                "/tasks", json=[{"id": "h-2", "prompt": "a"}, {"id": "h-3", "prompt": "b"}]
+            )
             assert batch.status_code == 202
             assert [s["id"] for s in batch.json()["submitted"]] == ["h-2", "h-3"]
             waited = await http.get("/results/h-3?wait=10")

@@ -42,7 +42,9 @@ def _documented_lines() -> list[str]:
     lines = []
     for name in DOCUMENTS:
         for line in (ROOT / name).read_text().splitlines():
-            found = re.search(r"(?:^|`)(nats (?:sub|pub|req|kv|stream|consumer) [^`#&]+)", line.strip())
+            found = re.search(
+                r"(?:^|`)(nats (?:sub|pub|req|kv|stream|consumer) [^`#&]+)", line.strip()
+            )
             if found:
                 lines.append(found.group(1).strip())
     return lines
@@ -56,7 +58,10 @@ def test_every_documented_nats_line_is_known() -> None:
 
 
 async def test_documented_commands_work(nats_url: str) -> None:
-    async with orchestrator_for(nats_url) as orch, running_worker(worker_settings(nats_url)) as worker:
+    async with (
+        orchestrator_for(nats_url),
+        running_worker(worker_settings(nats_url)) as worker,
+    ):
         nc = await nats.connect(nats_url)
         try:
             await _check_submit_and_read(nc)
@@ -76,9 +81,13 @@ async def _check_submit_and_read(nc: nats.NATS) -> None:
 
     # nats req tasks.chat.any '{...}' -H Nats-Msg-Id:t2 -> {"stream":"TASKS","seq":N}
     request = json.dumps({"id": "t2", "prompt": "Say hi"}).encode()
-    answer = json.loads((await nc.request("tasks.chat.any", request, timeout=5, headers={"Nats-Msg-Id": "t2"})).data)
+    answer = json.loads(
+        (await nc.request("tasks.chat.any", request, timeout=5, headers={"Nats-Msg-Id": "t2"})).data
+    )
     assert answer["stream"] == TASKS_STREAM and answer["seq"] >= 2
-    again = json.loads((await nc.request("tasks.chat.any", request, timeout=5, headers={"Nats-Msg-Id": "t2"})).data)
+    again = json.loads(
+        (await nc.request("tasks.chat.any", request, timeout=5, headers={"Nats-Msg-Id": "t2"})).data
+    )
     assert again.get("duplicate") is True
 
     # nats kv get results t1 ; nats kv watch results t2

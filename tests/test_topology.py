@@ -58,7 +58,9 @@ async def test_topology_matches_the_documented_shape(nats_url: str) -> None:
         assert workers.config.max_age == pytest.approx(6.0)
         assert workers.config.subject_delete_marker_ttl == pytest.approx(2.0)
         # `nats consumer ls TASKS`
-        await declare_capability(js, Capability.for_model("deepseek-coder:6.7b"), TopologySettings(), update=True)
+        await declare_capability(
+            js, Capability.for_model("deepseek-coder:6.7b"), TopologySettings(), update=True
+        )
         names = [c.name for c in await js.consumers_info(TASKS_STREAM)]
         assert names == ["chat-deepseek-coder-6-7b"]
     finally:
@@ -91,8 +93,12 @@ async def test_a_worker_never_overwrites_the_owners_consumer_settings(nats_url: 
     js = nc.jetstream()
     try:
         await declare_topology(js, TopologySettings())
-        await declare_capability(js, Capability("chat", "m"), TopologySettings(ack_wait_s=120), update=True)
-        config = await declare_capability(js, Capability("chat", "m"), TopologySettings(ack_wait_s=5), update=False)
+        await declare_capability(
+            js, Capability("chat", "m"), TopologySettings(ack_wait_s=120), update=True
+        )
+        config = await declare_capability(
+            js, Capability("chat", "m"), TopologySettings(ack_wait_s=5), update=False
+        )
         assert config.ack_wait == pytest.approx(120)
     finally:
         await nc.close()

@@ -16,7 +16,10 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_task_round_trips_with_its_metadata(nats_url: str) -> None:
-    async with orchestrator_for(nats_url) as orch, running_worker(worker_settings(nats_url)) as worker:
+    async with (
+        orchestrator_for(nats_url) as orch,
+        running_worker(worker_settings(nats_url)) as worker,
+    ):
         task = Task(id="rt-1", prompt="mutate this prompt", metadata={"agent": "a1", "gen": 3})
         submitted = await orch.submit(task)
         result = await orch.wait(task.id, timeout_s=10)
@@ -26,14 +29,26 @@ async def test_a_task_round_trips_with_its_metadata(nats_url: str) -> None:
     assert result is not None
     assert (result.status, result.output) == ("ok", "echo: mutate this prompt")
     assert result.metadata == {"agent": "a1", "gen": 3}
-    assert (result.worker_id, result.backend, result.model, result.attempt) == (worker.worker_id, "echo", "echo", 1)
+    assert (result.worker_id, result.backend, result.model, result.attempt) == (
+        worker.worker_id,
+        "echo",
+        "echo",
+        1,
+    )
     assert result.usage.prompt_tokens == 3
     assert result.timings.total_ms >= result.timings.run_ms >= 0
 
 
 async def test_a_task_for_a_named_model_goes_to_that_models_queue(nats_url: str) -> None:
     settings = worker_settings(nats_url, serve_any=False)
-    settings = settings.__class__(**{**settings.__dict__, "backend_settings": settings.backend_settings.__class__(models=("deepseek-coder:6.7b",))})
+    settings = settings.__class__(
+        **{
+            **settings.__dict__,
+            "backend_settings": settings.backend_settings.__class__(
+                models=("deepseek-coder:6.7b",)
+            ),
+        }
+    )
     async with orchestrator_for(nats_url) as orch, running_worker(settings):
         task = Task(
             id="m-1",
@@ -48,18 +63,25 @@ async def test_a_task_for_a_named_model_goes_to_that_models_queue(nats_url: str)
 
 
 async def test_a_malformed_task_becomes_a_dead_letter_and_an_error_result(nats_url: str) -> None:
-    async with orchestrator_for(nats_url) as orch, running_worker(worker_settings(nats_url)) as worker:
+    async with (
+        orchestrator_for(nats_url) as orch,
+        running_worker(worker_settings(nats_url)) as worker,
+    ):
         nc = await nats.connect(nats_url)
         js = nc.jetstream()
         try:
-            await js.publish("tasks.chat.any", b'{"id": "bad-1", "prompt": 42}', headers={"Nats-Msg-Id": "bad-1"})
+            await js.publish(
+                "tasks.chat.any", b'{"id": "bad-1", "prompt": 42}', headers={"Nats-Msg-Id": "bad-1"}
+            )
             await js.publish("tasks.chat.any", b"\xff not json", headers={"Nats-Msg-Id": "no-id!"})
             result = await orch.wait("bad-1", timeout_s=10)
             assert result is not None and result.status == "error"
             assert result.error is not None and result.error.type == "invalid_task"
             assert "Expected `str | null`, got `int` - at `$.prompt`" in result.error.message
 
-            dead = await poll_until(lambda: _stream_messages(js, DEAD_STREAM, 2), what="two dead letters")
+            dead = await poll_until(
+                lambda: _stream_messages(js, DEAD_STREAM, 2), what="two dead letters"
+            )
             first = await js.get_msg(DEAD_STREAM, 1)
             assert first.subject == "dead.chat.any"
             assert first.data == b'{"id": "bad-1", "prompt": 42}'
@@ -70,8 +92,11 @@ async def test_a_malformed_task_becomes_a_dead_letter_and_an_error_result(nats_u
             # The worker keeps serving.
             await orch.submit(Task(id="after-bad", prompt="still here?"))
             after = await orch.wait("after-bad", timeout_s=10)
-            assert after is not None and after.status == "ok" and after.worker_id == worker.worker_id
-            assert (await js.stream_info(TASKS_STREAM)).state.messages == 0
+            assert (
+                after is not None and after.status == "ok" and after.worker_id == worker.worker_id
+            )
+            # The ack follows the result write; wait for it to reach the server.
+            await poll_until(lambda: _stream_messages_equal(js, TASKS_STREAM, 0), what="ack")
         finally:
             await nc.close()
 
@@ -81,8 +106,16 @@ async def _stream_messages(js: object, stream: str, at_least: int) -> int | None
     return count if count >= at_least else None
 
 
+async def _stream_messages_equal(js: object, stream: str, count: int) -> bool:
+    info = await js.stream_info(stream)  # type: ignore[attr-defined]
+    return bool(info.state.messages == count)
+
+
 async def test_a_duplicate_submit_is_not_run_twice(nats_url: str) -> None:
-    async with orchestrator_for(nats_url) as orch, running_worker(worker_settings(nats_url)) as worker:
+    async with (
+        orchestrator_for(nats_url) as orch,
+        running_worker(worker_settings(nats_url)) as worker,
+    ):
         task = Task(id="dup-1", prompt="once")
         first = await orch.submit(task)
         await orch.wait(task.id, timeout_s=10)
@@ -96,7 +129,10 @@ async def test_a_duplicate_submit_is_not_run_twice(nats_url: str) -> None:
 
 
 async def test_a_task_past_its_deadline_is_not_run(nats_url: str) -> None:
-    async with orchestrator_for(nats_url) as orch, running_worker(worker_settings(nats_url)) as worker:
+    async with (
+        orchestrator_for(nats_url) as orch,
+        running_worker(worker_settings(nats_url)) as worker,
+    ):
         await orch.submit(Task(id="late", prompt="x", deadline=time.time() - 1))
         result = await orch.wait("late", timeout_s=10)
     assert result is not None and result.status == "expired"
@@ -114,9 +150,14 @@ async def test_a_task_whose_deadline_passes_while_running_is_cancelled(nats_url:
 
 
 async def test_a_retryable_failure_is_retried_then_succeeds(nats_url: str) -> None:
-    async with orchestrator_for(nats_url) as orch, running_worker(worker_settings(nats_url)) as worker:
+    async with (
+        orchestrator_for(nats_url) as orch,
+        running_worker(worker_settings(nats_url)) as worker,
+    ):
         worker._runner._retry = worker._runner._retry.__class__(max_deliver=5, base_delay_s=0.05)  # type: ignore[union-attr]
-        task = Task(id="flaky", prompt="x", metadata={"echo": {"fail": "transient", "fail_times": 2}})
+        task = Task(
+            id="flaky", prompt="x", metadata={"echo": {"fail": "transient", "fail_times": 2}}
+        )
         await orch.submit(task)
         result = await orch.wait("flaky", timeout_s=10)
     assert result is not None and (result.status, result.attempt) == ("ok", 3)
@@ -126,8 +167,12 @@ async def test_a_task_that_always_fails_ends_dead_after_max_deliveries(nats_url:
     topology = TopologySettings(heartbeat_interval_s=1.0, max_deliver=3)
     async with orchestrator_for(nats_url, topology=topology) as orch:
         async with running_worker(worker_settings(nats_url, topology=topology)) as worker:
-            worker._runner._retry = worker._runner._retry.__class__(max_deliver=3, base_delay_s=0.05)  # type: ignore[union-attr]
-            await orch.submit(Task(id="doomed", prompt="x", metadata={"echo": {"fail": "transient"}}))
+            worker._runner._retry = worker._runner._retry.__class__(
+                max_deliver=3, base_delay_s=0.05
+            )  # type: ignore[union-attr]
+            await orch.submit(
+                Task(id="doomed", prompt="x", metadata={"echo": {"fail": "transient"}})
+            )
             result = await orch.wait("doomed", timeout_s=10)
         assert result is not None and (result.status, result.attempt) == ("dead", 3)
         assert result.error is not None and "gave up after 3 attempts" in result.error.message
@@ -137,7 +182,9 @@ async def test_a_task_that_always_fails_ends_dead_after_max_deliveries(nats_url:
 
 
 @pytest.mark.parametrize("model", ["other-model", "m.x"])
-async def test_a_task_for_a_model_this_worker_does_not_serve_is_an_error(nats_url: str, model: str) -> None:
+async def test_a_task_for_a_model_this_worker_does_not_serve_is_an_error(
+    nats_url: str, model: str
+) -> None:
     async with orchestrator_for(nats_url) as orch, running_worker(worker_settings(nats_url)):
         nc = await nats.connect(nats_url)
         try:

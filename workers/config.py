@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from mesh.connection import ConnectionSettings
 from mesh.errors import ConfigError
@@ -13,26 +12,45 @@ from workers.backends import REGISTRY, BackendSettings
 from workers.execution import RetryPolicy
 from workers.runtime import WorkerSettings
 
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Mapping
+
 __all__ = ["worker_settings_from"]
 
 
-def worker_settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerSettings:
+def worker_settings_from(
+    args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> WorkerSettings:
     """Flags win over variables; every value is checked here, not at first use."""
     env = os.environ if env is None else env
     if args.backend not in REGISTRY:
         choices = ", ".join(sorted(REGISTRY))
         raise ConfigError(f"unknown backend {args.backend!r}: choose one of {choices}")
-    models = tuple(args.model or [m.strip() for m in env.get("D8_MODELS", "").split(",") if m.strip()])
-    concurrency = args.concurrency if args.concurrency is not None else env_int(env, "D8_CONCURRENCY", 0)
+    models = tuple(
+        args.model or [m.strip() for m in env.get("D8_MODELS", "").split(",") if m.strip()]
+    )
+    concurrency = (
+        args.concurrency if args.concurrency is not None else env_int(env, "D8_CONCURRENCY", 0)
+    )
     if concurrency < 0:
-        raise ConfigError(f"--concurrency {concurrency}: use 1 or more (0 or unset: the backend's default)")
+        raise ConfigError(
+            f"--concurrency {concurrency}: use 1 or more (0 or unset: the backend's default)"
+        )
     topology = topology_from_env(env)
     grace_s = args.grace_s if args.grace_s is not None else env_float(env, "D8_GRACE_S", 30.0)
-    timeout_s = args.timeout_s if args.timeout_s is not None else env_float(env, "D8_BACKEND_TIMEOUT_S", 600.0, minimum=1)
+    timeout_s = (
+        args.timeout_s
+        if args.timeout_s is not None
+        else env_float(env, "D8_BACKEND_TIMEOUT_S", 600.0, minimum=1)
+    )
     return WorkerSettings(
         backend=args.backend,
         backend_settings=BackendSettings(
-            models=models, base_url=args.base_url, timeout_s=timeout_s, pull=args.pull or env_bool(env, "D8_PULL", False)
+            models=models,
+            base_url=args.base_url,
+            timeout_s=timeout_s,
+            pull=args.pull or env_bool(env, "D8_PULL", False),
         ),
         concurrency=concurrency or None,
         worker_id=args.worker_id,

@@ -90,5 +90,7 @@ class EchoBackend:
         if isinstance(fail_times, int) and self._runs[task_id] > fail_times:
             return
         if issubclass(failure, RateLimitedError):
-            raise RateLimitedError("echo was told to fail: rate limited", delay_s=steer.get("retry_after_s"))
+            raise RateLimitedError(
+                "echo was told to fail: rate limited", delay_s=steer.get("retry_after_s")
+            )
         raise failure(f"echo was told to fail: {steer['fail']}")
