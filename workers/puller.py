@@ -105,7 +105,9 @@ class Puller:
             self.credit = max(0, self.credit - int(pending))
         else:
             self.credit = 0
-        if status == "408" and self.credit == 0 and self.idle_since == 0.0:
+        if status == "408" and self.credit == 0:
+            # Every empty round sends it to the back of the line, or the consumer that
+            # first came back empty would be asked first forever and starve the others.
             self.idle_since = time.monotonic()
         if status not in ("404", "408"):
             description = msg.headers.get("Description", "") if msg.headers else ""
