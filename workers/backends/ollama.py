@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ import ollama
 from mesh.contract import Usage
 from mesh.errors import ConfigError, TransientError
 from workers.backends import BackendSettings, Generation, OnPiece
-from workers.backends._errors import error_for_status, redact
+from workers.backends._errors import error_for_status, redact, retry_after_s
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -34,6 +35,17 @@ KEEP_ALIVE_VARIABLE = "D8_OLLAMA_KEEP_ALIVE"
 CONNECT_TIMEOUT_S = 10.0
 # How often a pull logs its progress; a 4 GB model takes many minutes on a Pi.
 PULL_LOG_INTERVAL_S = 5.0
+
+# The retry-after of the last 429 seen by this task's calls: Ollama sends none, but a proxy
+# in front of it may, and `ollama.ResponseError` does not carry the response's headers.
+_last_retry_after_s: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "ollama_retry_after_s", default=None
+)
+
+
+async def _note_retry_after(response: httpx.Response) -> None:
+    if response.status_code == 429:
+        _last_retry_after_s.set(retry_after_s(response.headers))
 
 
 def ollama_host(base_url: str | None = None) -> str:
@@ -58,7 +70,9 @@ class OllamaBackend:
         self.keep_alive = _keep_alive(os.environ.get(KEEP_ALIVE_VARIABLE, DEFAULT_KEEP_ALIVE))
         self._pull = settings.pull
         timeout = httpx.Timeout(settings.timeout_s, connect=CONNECT_TIMEOUT_S)
-        self._client = ollama.AsyncClient(host=self.host, timeout=timeout)
+        self._client = ollama.AsyncClient(
+            host=self.host, timeout=timeout, event_hooks={"response": [_note_retry_after]}
+        )
 
     async def __aenter__(self) -> Self:
         try:
@@ -114,12 +128,13 @@ class OllamaBackend:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        return None
+        await self._client.close()
 
     async def generate(self, task: Task, model: str, on_piece: OnPiece | None) -> Generation:
         messages = [{"role": m.role, "content": m.content} for m in task.chat_messages()]
         options = _options(task)
         started = time.perf_counter()
+        _last_retry_after_s.set(None)
         try:
             if on_piece is None:
                 response = await self._client.chat(
@@ -210,5 +225,7 @@ def _translate(exc: ollama.ResponseError, model: str, host: str) -> MeshError:
     if status < 0:
         # An error line inside a stream (status -1): the runner failed mid-generation.
         return TransientError(f"Ollama at {host} failed mid-stream: {detail}")
-    # Ollama sends no retry-after, and its client would not show one; 429 backs off.
-    return error_for_status(status, detail, provider=f"Ollama at {host}", model=model)
+    delay_s = _last_retry_after_s.get() if status == 429 else None
+    return error_for_status(
+        status, detail, provider=f"Ollama at {host}", model=model, delay_s=delay_s
+    )
