@@ -63,6 +63,7 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
 
 async def _cmd_orchestrator(args: argparse.Namespace) -> int:
     from mesh.connection import ConnectionSettings
+    from mesh.topology import Capability, declare_capability
     from orchestrator.core import Orchestrator
     from orchestrator.launch import orchestrator_settings, serve_http
 
@@ -70,6 +71,11 @@ async def _cmd_orchestrator(args: argparse.Namespace) -> int:
     stop = anyio.Event()
     async with Orchestrator(settings) as orchestrator, anyio.create_task_group() as group:
         group.start_soon(_until_signal, stop.set)
+        # Workers under deploy/nats permissions may not create their consumers: declare the
+        # ones for the models in D8_MODELS up front.
+        for model in filter(None, map(str.strip, os.environ.get("D8_MODELS", "").split(","))):
+            capability = Capability.for_model(model, settings.kind)
+            await declare_capability(orchestrator.js, capability, settings.topology, update=True)
         if args.http_port:
             group.start_soon(serve_http, orchestrator, args.http_host, args.http_port, stop)
         logger.info("orchestrator ready")
@@ -198,6 +204,10 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the JSON Schemas of the wire contract")
     schema.set_defaults(run=_cmd_schema)
+
+    from mesh.deploy_cli import add_deploy_commands
+
+    add_deploy_commands(commands)
     return parser
 
 
