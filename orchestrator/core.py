@@ -18,6 +18,7 @@ import anyio
 import msgspec
 from nats.js.errors import APIError, NoStreamResponseError
 
+from mesh import tracing
 from mesh.connection import ConnectionSettings, connect, jetstream
 from mesh.contract import Heartbeat, Result, Task, decode_heartbeat, decode_result, encode
 from mesh.errors import SubmitError
@@ -31,6 +32,8 @@ from mesh.topology import (
     declare_topology,
     result_subject,
 )
+from orchestrator.dead_letters import DeadLetterHandler
+from orchestrator.routing import Router, RoutingSettings
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -60,6 +63,8 @@ class OrchestratorSettings:
     declare: bool = True
     #: Keep a live view of the workers from their heartbeats.
     watch_workers: bool = True
+    #: Route by live capability and fallback chains (needs `watch_workers`); None: off.
+    routing: RoutingSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,13 @@ class Orchestrator:
         self.workers_changed = anyio.Event()
         self._waiters: dict[str, list[_Waiter]] = {}
         self._declared: set[Capability] = set()
+        #: Set once the first snapshot of the `workers` bucket is in `workers`.
+        self.workers_loaded = anyio.Event()
+        self.router: Router | None = None
+        #: Called with every result's bytes as it is written (metrics count them).
+        self.result_observer: Callable[[bytes], None] | None = None
+        #: Handles max-deliveries advisories; only the owner (`declare`) runs one.
+        self.dead_letters: DeadLetterHandler | None = None
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -124,10 +136,16 @@ class Orchestrator:
             await declare_topology(self._js, self.settings.topology, update=True)
             await self._declare(Capability(self.settings.kind, ANY_MODEL))
         await self._nc.subscribe(result_subject("*"), cb=self._on_result)
+        if self.settings.declare:
+            self.dead_letters = DeadLetterHandler(self._nc, self._js)
+            await self.dead_letters.start()
         self._task_group_cm = anyio.create_task_group()
         self._tasks = await self._task_group_cm.__aenter__()
         if self.settings.watch_workers:
             self._tasks.start_soon(self._watch_workers)
+            if self.settings.routing is not None:
+                self.router = Router(self, self.settings.routing)
+                self._tasks.start_soon(self.router.run)
         return self
 
     async def __aexit__(
@@ -155,10 +173,13 @@ class Orchestrator:
 
     async def submit(self, task: Task) -> Submitted:
         """Publish one task; a repeat of an id inside the duplicate window is not stored."""
+        if self.router is not None:
+            task = await self.router.route(task)
         subject = self.subject_for(task)
         await self._declare(Capability.from_subject(subject))
         try:
-            ack = await self.js.publish(subject, encode(task), headers={"Nats-Msg-Id": task.id})
+            headers = tracing.submit_headers(task.id, subject)
+            ack = await self.js.publish(subject, encode(task), headers=headers)
         except NoStreamResponseError:
             raise SubmitError(f"no stream answered for {subject}: is JetStream up and TASKS declared?") from None
         except APIError as exc:
@@ -168,6 +189,8 @@ class Orchestrator:
     async def submit_many(self, tasks: Iterable[Task]) -> list[Submitted]:
         """Publish many tasks with their acks pipelined; returns one `Submitted` per task."""
         pending = []
+        if self.router is not None:
+            tasks = [await self.router.route(task) for task in tasks]
         for task in tasks:
             subject = self.subject_for(task)
             await self._declare(Capability.from_subject(subject))
@@ -175,7 +198,7 @@ class Orchestrator:
             # to the loop, so each task left in its own write; wait with one only when full.
             stall = _STALL_S if self.js.publish_async_pending() >= _ASYNC_MAX_PENDING - 1 else None
             future = await self.js.publish_async(
-                subject, encode(task), headers={"Nats-Msg-Id": task.id}, wait_stall=stall
+                subject, encode(task), headers=tracing.submit_headers(task.id, subject), wait_stall=stall
             )
             pending.append((task.id, subject, future))
         submitted = []
@@ -191,6 +214,8 @@ class Orchestrator:
 
     async def _on_result(self, msg: Msg) -> None:
         task_id = msg.subject.rsplit(".", 1)[-1]
+        if self.result_observer is not None and msg.data:
+            self.result_observer(msg.data)
         waiters = self._waiters.pop(task_id, None)
         if not waiters or not msg.data:
             return
@@ -271,6 +296,7 @@ class Orchestrator:
         watcher = await kv.watchall()
         async for entry in watcher:
             if entry is None:
+                self.workers_loaded.set()
                 continue  # end of the initial snapshot
             self._on_heartbeat(entry.key, entry.value, entry.operation)
 
