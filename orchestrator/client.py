@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mesh.connection import ConnectionSettings
@@ -27,6 +28,7 @@ __all__ = [
     "load_tasks",
     "result_command",
     "results_table",
+    "run_with_progress",
     "submit_command",
     "workers_command",
     "workers_table",
@@ -87,7 +89,7 @@ async def submit_command(args: argparse.Namespace) -> int:
                 note = " (duplicate: already submitted)" if item.duplicate else ""
                 console.print(f"{item.task_id} -> {item.subject}{note}")
             return 0
-        _, results = await orchestrator.run(tasks, args.timeout_s)
+        results = await run_with_progress(orchestrator, tasks, args.timeout_s)
     console.print(results_table(tasks, results))
     ok = sum(1 for r in results.values() if r.status == "ok")
     console.print(f"{ok}/{len(tasks)} tasks ok")
@@ -114,6 +116,17 @@ async def _submit_streaming(orchestrator: Orchestrator, task: Task, timeout_s: f
     if result.status != "ok":
         err_console.print(f"{result.status}: {result.error.message if result.error else ''}")
     return 0 if result.status == "ok" else 1
+
+
+async def run_with_progress(
+    orchestrator: Orchestrator, tasks: list[Task], timeout_s: float
+) -> dict[str, Result]:
+    """Submit and wait, with a progress bar that moves as results arrive."""
+    columns = (TextColumn("tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("tasks", total=len(tasks))
+        _, results = await orchestrator.run(tasks, timeout_s, lambda _: progress.advance(bar))
+    return results
 
 
 def replace_task(task: Task, **changes: object) -> Task:

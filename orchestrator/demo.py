@@ -5,19 +5,20 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh.errors import ConfigError
-from orchestrator.client import console, load_tasks, results_table, workers_table
+from orchestrator.client import (
+    console,
+    load_tasks,
+    results_table,
+    run_with_progress,
+    workers_table,
+)
 from orchestrator.core import Orchestrator
 from orchestrator.launch import mesh_running, orchestrator_settings
-
-if TYPE_CHECKING:
-    from mesh.contract import Result, Task
 
 __all__ = ["DEFAULT_WORKLOAD", "run_demo"]
 
@@ -57,7 +58,7 @@ async def run_demo(file: str | None, *, workers: int, backend: str | None, timeo
             console.print(f"mesh up: NATS {url}, starting {workers} {mesh.backend} workers")
             await _wait_for_workers(orchestrator, workers)
             started = time.perf_counter()
-            results = await _run_with_progress(orchestrator, tasks, timeout_s)
+            results = await run_with_progress(orchestrator, tasks, timeout_s)
             elapsed_s = time.perf_counter() - started
             console.print(results_table(tasks, results))
             console.print(workers_table(orchestrator.workers.values()))
@@ -71,15 +72,3 @@ async def run_demo(file: str | None, *, workers: int, backend: str | None, timeo
     print(NATS_CLI_HINTS.format(url=mesh.connection.servers[0], task_id=tasks[0].id))  # noqa: T201
     print(f"{ok}/{len(tasks)} tasks ok")  # noqa: T201 - the contract's last line, plain
     return 0 if ok == len(tasks) else 1
-
-
-async def _run_with_progress(
-    orchestrator: Orchestrator, tasks: list[Task], timeout_s: float
-) -> dict[str, Result]:
-    columns = (TextColumn("tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("tasks", total=len(tasks))
-        _, results = await orchestrator.run(
-            tasks, timeout_s, on_result=lambda _: progress.advance(bar)
-        )
-    return results
