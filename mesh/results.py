@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from nats.js.errors import BadRequestError, NotFoundError
 
+from mesh import tracing
 from mesh.contract import Result, decode_result, encode
 from mesh.topology import RESULTS_BUCKET, dead_subject, heartbeat_subject, result_subject
 
@@ -40,7 +41,8 @@ async def write_result_once(
     server accepts only the first write, so a task has exactly one result.
     """
     try:
-        await js.publish(result_subject(result.id), data or encode(result), headers=_CREATE_ONLY)
+        with tracing.span("d8 result write", result.id):
+            await js.publish(result_subject(result.id), data or encode(result), headers=_CREATE_ONLY)
     except BadRequestError as exc:
         if exc.err_code == _WRONG_LAST_SEQUENCE:
             return False

@@ -91,7 +91,9 @@ class HostFactsReader:
 
     def read(self) -> HostFacts:
         """Read every fact now, blocking; `refresh` is the async way."""
-        return HostFacts(load_1m=_load_1m(), soc_temp_c=self._temperature(), throttled=self._throttle())
+        return HostFacts(
+            load_1m=_load_1m(), soc_temp_c=self._temperature(), throttled=self._throttle()
+        )
 
     def _temperature(self) -> float | None:
         try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 import mesh
+from mesh import tracing
 from mesh.connection import ConnectionSettings, api_prefix, connect, jetstream
 from mesh.contract import Heartbeat, encode
 from mesh.errors import WorkerFatalError
@@ -165,9 +166,11 @@ class Worker:
             )
         self._ack_wait_s = min(ack_waits)
         self._runner = TaskRunner(
-            nc=nc, js=js, backend=self.backend, worker_id=self.worker_id,
+            nc=nc, js=js, backend=tracing.traced_backend(self.backend), worker_id=self.worker_id,
             retry=replace(self.settings.retry, max_deliver=min(max_delivers)), on_fatal=self._on_fatal,
         )
+        # Tracing off: the runner itself, no wrapper on the hot path.
+        self._runner = tracing.traced_runner(self._runner)
         for puller in self._pullers:
             await puller.start()
 
