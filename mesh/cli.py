@@ -67,7 +67,11 @@ async def _cmd_orchestrator(args: argparse.Namespace) -> int:
     from orchestrator.core import Orchestrator
     from orchestrator.launch import orchestrator_settings, serve_http
 
+    from mesh.settings import env_int
+
     settings = orchestrator_settings(ConnectionSettings.from_env(name="d8-orchestrator"))
+    if args.http_port is None:
+        args.http_port = env_int(os.environ, "D8_HTTP_PORT", 7001)
     stop = anyio.Event()
     async with Orchestrator(settings) as orchestrator, anyio.create_task_group() as group:
         group.start_soon(_until_signal, stop.set)
@@ -165,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
     orchestrator = commands.add_parser("orchestrator", help="run the orchestrator and its HTTP API")
     orchestrator.add_argument("--http-host", default=os.environ.get("D8_HTTP_HOST", "127.0.0.1"))
-    orchestrator.add_argument("--http-port", type=int, default=int(os.environ.get("D8_HTTP_PORT", "7001")), help="0: no HTTP")
+    orchestrator.add_argument("--http-port", type=int, default=None, help="default 7001 or D8_HTTP_PORT; 0: no HTTP")
     orchestrator.set_defaults(run=_cmd_orchestrator)
 
     up = commands.add_parser("up", help="all in one: server (unless NATS_URL), orchestrator, workers")
