@@ -198,7 +198,8 @@ class Orchestrator:
             # to the loop, so each task left in its own write; wait with one only when full.
             stall = _STALL_S if self.js.publish_async_pending() >= _ASYNC_MAX_PENDING - 1 else None
             future = await self.js.publish_async(
-                subject, encode(task), headers=tracing.submit_headers(task.id, subject), wait_stall=stall
+                subject, encode(task), headers=tracing.submit_headers(task.id, subject),
+                wait_stall=stall,
             )
             pending.append((task.id, subject, future))
         submitted = []
