@@ -148,6 +148,9 @@ def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default=None, help="the backend's endpoint (else its usual variable)")
     parser.add_argument("--timeout-s", type=float, default=None, help="backend call timeout; D8_BACKEND_TIMEOUT_S")
     parser.add_argument("--pull", action="store_true", help="ollama: pull a missing model at start-up")
+    parser.add_argument(
+        "--rpm", type=float, default=None, help="cloud: at most N calls a minute; D8_RPM"
+    )
     parser.add_argument("--grace-s", type=float, default=None, help="SIGTERM grace period; D8_GRACE_S")
 
 

@@ -51,6 +51,7 @@ def worker_settings_from(
             base_url=args.base_url,
             timeout_s=timeout_s,
             pull=args.pull or env_bool(env, "D8_PULL", False),
+            rpm=_rpm(args, env),
         ),
         concurrency=concurrency or None,
         worker_id=args.worker_id,
@@ -60,3 +61,15 @@ def worker_settings_from(
         topology=topology,
         connection=ConnectionSettings.from_env(env, name=f"d8-worker-{args.backend}"),
     )
+
+
+def _rpm(args: argparse.Namespace, env: Mapping[str, str]) -> float | None:
+    """Requests per minute from `--rpm` or `D8_RPM`; 0 or unset means no limit."""
+    rpm = getattr(args, "rpm", None)
+    if rpm is None:
+        rpm = env_float(env, "D8_RPM", 0.0)
+    if rpm < 0:
+        raise ConfigError(
+            f"--rpm {rpm:g}: use a positive number of requests per minute (0: no limit)"
+        )
+    return float(rpm) or None
