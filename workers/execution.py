@@ -149,10 +149,11 @@ class TaskRunner:
             return await self._retry_later(msg, base, RetryableError(f"{type(exc).__name__}: {exc}"))
 
         if generation is None:
-            await self._finish(msg, base.expired("deadline passed while running"), task.reply_to)
-            return Outcome("expired", task.id, attempt)
-        await self._finish(msg, base.ok(generation, chunks), task.reply_to)
-        return Outcome("ok", task.id, attempt)
+            stored = await self._finish(msg, base.expired("deadline passed while running"), task.reply_to)
+            return Outcome("expired" if stored else "late", task.id, attempt)
+        stored = await self._finish(msg, base.ok(generation, chunks), task.reply_to)
+        # Not stored: another attempt of this task (a redelivery after a lost lease) won.
+        return Outcome("ok" if stored else "late", task.id, attempt)
 
     def _pick_model(self, task: Task, subject: str) -> str:
         queue_token = Capability.from_subject(subject).token
@@ -241,19 +242,21 @@ class TaskRunner:
         await msg.term()
         logger.warning("task rejected task_id=%s attempt=%d type=%s reason=%s", task_id, attempt, error_type, reason)
 
-    async def _finish(self, msg: Msg, result: Result, reply_to: str | None) -> None:
+    async def _finish(self, msg: Msg, result: Result, reply_to: str | None) -> bool:
+        """Store the result, answer `reply_to`, ack; return whether this result was stored."""
         data = encode(result)
         try:
-            await write_result_once(self._js, result, data)
+            stored = await write_result_once(self._js, result, data)
         except nats.errors.MaxPayloadError:
             # LIMITATION: outputs over the server's max_payload are not chunked into an object store.
             error = ErrorInfo(type="output_too_large", message=f"output of {len(data)} bytes exceeds max_payload")
             result = msgspec.structs.replace(result, status="error", output="", error=error)
             data = encode(result)
-            await write_result_once(self._js, result, data)
-        if reply_to:
+            stored = await write_result_once(self._js, result, data)
+        if reply_to and stored:
             await self._nc.publish(reply_to, data)
         await msg.ack()
+        return stored
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,12 +190,26 @@ class Worker:
             services.cancel_scope.cancel()
 
     def _on_task(self, msg: Msg, puller: Puller) -> None:
+        if self._is_running_here(msg):
+            # This worker stalled past ack_wait (swap, a paused VM) and got its own task
+            # back. The running attempt settles it (acks count per stream sequence); a
+            # second run would only lose the create-once race for the result.
+            logger.warning(
+                "redelivery of a task running here ignored stream_seq=%d attempt=%d worker_id=%s",
+                msg.metadata.sequence.stream, msg.metadata.num_delivered, self.worker_id,
+            )
+            return
         if self._stopping or len(self._in_flight) >= self.concurrency or self._tasks is None:
             # Delivered beyond our free slots (a request outlived a reconnect) or while
             # stopping: keep it, never drop it; it runs later or is handed back.
             self._held.append(msg)
             return
         self._start(msg)
+
+    def _is_running_here(self, msg: Msg) -> bool:
+        seq = msg.metadata.sequence.stream
+        running = [m for m, _ in self._in_flight.values()] + self._held
+        return any(m.metadata.sequence.stream == seq for m in running)
 
     def _start(self, msg: Msg) -> None:
         assert self._tasks is not None
@@ -219,7 +233,7 @@ class Worker:
         else:
             if outcome.status == "ok":
                 self.completed += 1
-            elif outcome.status not in ("duplicate", "retry", "returned"):
+            elif outcome.status not in ("duplicate", "late", "retry", "returned"):
                 self.failed += 1
             if logger.isEnabledFor(logging.INFO):
                 logger.info("task %s task_id=%s attempt=%d worker_id=%s", outcome.status, outcome.task_id, outcome.attempt, self.worker_id)
