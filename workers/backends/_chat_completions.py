@@ -97,6 +97,17 @@ class ChatCompletionsBackend:
         return f"{self.flavour.provider} at {self.base_url or 'its default address'}"
 
     async def __aenter__(self) -> Self:
+        checked = False
+        try:
+            await self._check_start_up()
+            checked = True
+        finally:
+            if not checked:
+                # Close the connections the failed check opened.
+                await self._client.close()
+        return self
+
+    async def _check_start_up(self) -> None:
         """Check once, with a free call, that the key works and the models exist."""
         sdk = self.flavour.sdk
         try:
@@ -121,7 +132,6 @@ class ChatCompletionsBackend:
             )
         if missing:
             logger.warning("model not listed by server, trying anyway models=%s", ",".join(missing))
-        return self
 
     async def __aexit__(
         self,

@@ -98,6 +98,17 @@ class GeminiBackend:
         return f"Gemini at {self.base_url or 'its default address'}"
 
     async def __aenter__(self) -> Self:
+        checked = False
+        try:
+            await self._check_start_up()
+            checked = True
+        finally:
+            if not checked:
+                # Close the connections the failed check opened.
+                await self._client.aio.aclose()
+        return self
+
+    async def _check_start_up(self) -> None:
         """Check once, with a free call per model, that the key works and the model exists."""
         check = genai_types.GetModelConfig(
             http_options=genai_types.HttpOptions(timeout=int(CHECK_TIMEOUT_S * 1000))
@@ -113,7 +124,6 @@ class GeminiBackend:
                     f"cannot reach {self.where} ({type(exc).__name__}): check the network, "
                     f"{BASE_URL_VARIABLE} or --base-url"
                 ) from None
-        return self
 
     async def __aexit__(
         self,

@@ -75,6 +75,18 @@ class OllamaBackend:
         )
 
     async def __aenter__(self) -> Self:
+        checked = False
+        try:
+            await self._check_start_up()
+            checked = True
+        finally:
+            if not checked:
+                # Close the connections the failed check opened.
+                await self._client.close()
+        return self
+
+    async def _check_start_up(self) -> None:
+        """Check that Ollama answers and has the models, pulling them when asked."""
         try:
             listed = await self._client.list()
         except ollama.ResponseError as exc:
@@ -97,7 +109,6 @@ class OllamaBackend:
                     "or start the worker with --pull"
                 )
             await self._pull_model(model)
-        return self
 
     async def _pull_model(self, model: str) -> None:
         logger.info("pulling model model=%s host=%s", model, self.host)
