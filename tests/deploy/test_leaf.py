@@ -27,7 +27,7 @@ from tests.helpers import ROOT, WorkerProcess, poll_until
 if TYPE_CHECKING:
     from pathlib import Path
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 TOPOLOGY = TopologySettings(heartbeat_interval_s=1.0)
 WORKER_ID = "pi-test-echo"
