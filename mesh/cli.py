@@ -51,6 +51,7 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
     from workers.runtime import Worker
 
     worker = Worker(worker_settings_from(args))
+    _serve_worker_metrics(worker)
     async with anyio.create_task_group() as group:
         group.start_soon(_until_signal, worker.stop)
         await worker.run()
@@ -126,9 +127,42 @@ async def _cmd_result(args: argparse.Namespace) -> int:
 
 
 async def _cmd_workers(args: argparse.Namespace) -> int:
-    from orchestrator.client import workers_command
+    from orchestrator.views import workers_command
 
     return await workers_command(args)
+
+
+async def _cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.views import status_command
+
+    return await status_command(args)
+
+
+async def _cmd_watch(args: argparse.Namespace) -> int:
+    from orchestrator.views import watch_command
+
+    return await watch_command(args)
+
+
+def _serve_worker_metrics(worker: object) -> None:
+    """A worker's own `/metrics` when D8_METRICS_PORT is set (host: D8_METRICS_HOST)."""
+    from mesh.settings import env_int
+
+    port = env_int(os.environ, "D8_METRICS_PORT", 0, minimum=0)
+    if port:
+        from orchestrator.metrics import serve_worker_metrics
+
+        host = os.environ.get("D8_METRICS_HOST", "127.0.0.1")
+        serve_worker_metrics(worker, host, port)  # type: ignore[arg-type]
+
+
+def _configure_tracing(command: str) -> None:
+    """Tracing per the OTEL_* variables (off without them); log records get the trace id."""
+    from mesh import tracing
+
+    if tracing.configure_from_env(service_name=f"d8-{command}"):
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(tracing.TraceLogFilter())
 
 
 async def _cmd_schema(args: argparse.Namespace) -> int:
@@ -209,6 +243,15 @@ def _parser() -> argparse.ArgumentParser:
     workers = commands.add_parser("workers", help="list live workers")
     workers.set_defaults(run=_cmd_workers)
 
+    status = commands.add_parser("status", help="workers, queues and failures, from JetStream")
+    status.add_argument("--sample-s", type=float, default=1.0, help="look twice, for rates")
+    status.set_defaults(run=_cmd_status)
+
+    watch = commands.add_parser("watch", help="`d8 status`, redrawn until Ctrl-C")
+    watch.add_argument("--interval-s", type=float, default=2.0)
+    watch.add_argument("--count", type=int, default=0, help="stop after N redraws (0: never)")
+    watch.set_defaults(run=_cmd_watch)
+
     schema = commands.add_parser("schema", help="print the JSON Schemas of the wire contract")
     schema.set_defaults(run=_cmd_schema)
 
@@ -239,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, json_lines=args.log_json)
     run: Command = args.run
     try:
+        _configure_tracing(args.command)
         code = anyio.run(_unwrapped, run, args)
     except ConfigError as exc:
         print(f"d8 {args.command}: {exc}", file=sys.stderr)  # noqa: T201
@@ -248,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    from mesh.tracing import shutdown as flush_traces
+
+    flush_traces()
     sys.exit(code)
 
 

@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from mesh.contract import Task
 from mesh.errors import SubmitError
+from orchestrator.dashboard import operator_routes
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -95,5 +96,7 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
             Route("/results/{task_id}", result, methods=["GET"]),
             Route("/workers", workers, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            # /status, /metrics and /dashboard: the operator's view.
+            *operator_routes(orchestrator),
         ]
     )

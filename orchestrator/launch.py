@@ -136,5 +136,8 @@ def _wait_or_kill(process: subprocess.Popen[bytes]) -> None:
 
 def orchestrator_settings(connection: ConnectionSettings) -> OrchestratorSettings:
     from mesh.settings import topology_from_env
+    from orchestrator.routing import RoutingSettings
 
-    return OrchestratorSettings(topology=topology_from_env(), connection=connection)
+    return OrchestratorSettings(
+        topology=topology_from_env(), connection=connection, routing=RoutingSettings.from_env()
+    )
