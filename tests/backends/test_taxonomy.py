@@ -244,7 +244,12 @@ async def _assert_dead_lettered(js: JetStreamContext, task_id: str, error_type: 
     assert dead.headers is not None
     assert dead.headers[DeadLetter.TASK_ID] == task_id
     assert dead.headers[DeadLetter.ERROR_TYPE] == error_type
-    assert await _messages(js, TASKS_STREAM) == 0
+    # The term follows the result and the dead letter; wait for JetStream to apply it.
+    await poll_until(lambda: _messages_are(js, TASKS_STREAM, 0), what="the task to leave TASKS")
+
+
+async def _messages_are(js: JetStreamContext, stream: str, count: int) -> bool:
+    return await _messages(js, stream) == count
 
 
 async def _messages(js: JetStreamContext, stream: str) -> int:
