@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from mesh.contract import Task
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, WorkerFatalError
 from tests.backends.conftest import BACKENDS, KEY, KEY_VARIABLE, MODEL, Provider
-from tests.fakes._server import serving
+from tests.fakes._server import no_quota, serving
 from tests.fakes.ollama_api import FakeOllama
 from tests.helpers import ROOT
 from workers.backends import BackendSettings, load_backend
@@ -113,6 +113,17 @@ async def test_cloud_clients_make_exactly_one_attempt(cloud_provider: Provider) 
         await backend.generate(Task(id="once-1", prompt="count me"), MODEL, None)
     (call,) = cloud_provider.fake.calls_for("count me")
     assert call.headers.get("x-stainless-retry-count") == "0"
+
+
+@pytest.mark.parametrize("cloud_backend", ["groq", "openai"])
+async def test_an_account_out_of_credit_is_a_worker_problem(cloud_provider: Provider) -> None:
+    cloud_provider.fake.plan("costly", no_quota())
+    async with load_backend(cloud_provider.backend, _settings(cloud_provider)) as backend_:
+        with pytest.raises(
+            WorkerFatalError, match=r"insufficient_quota|exceeded your current quota"
+        ):
+            await backend_.generate(Task(id="quota-1", prompt="costly"), MODEL, None)
+    assert len(cloud_provider.fake.calls_for("costly")) == 1
 
 
 @pytest.fixture

@@ -25,13 +25,16 @@ __all__ = [
     "blocked",
     "empty",
     "hang",
+    "no_quota",
     "ok",
     "rate_limited",
     "server_error",
     "serving",
 ]
 
-ReplyKind = Literal["ok", "rate_limited", "server_error", "hang", "blocked", "empty", "bad_request"]
+ReplyKind = Literal[
+    "ok", "rate_limited", "server_error", "hang", "blocked", "empty", "bad_request", "no_quota"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,11 @@ def blocked() -> Reply:
 def empty() -> Reply:
     """An answer with nothing in it (no candidates, no choices, or empty text)."""
     return Reply("empty")
+
+
+def no_quota() -> Reply:
+    """A 429 that waiting does not fix: the account is out of credit (OpenAI-style servers)."""
+    return Reply("no_quota", status=429)
 
 
 def bad_request() -> Reply:

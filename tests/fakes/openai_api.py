@@ -84,6 +84,9 @@ class FakeOpenAI(FakeProvider):
                 headers["retry-after"] = f"{reply.retry_after_s:g}"
             message = "Rate limit reached for requests per minute (RPM): Limit 30."
             return _error(429, message, "requests", "rate_limit_exceeded", headers)
+        if reply.kind == "no_quota":
+            message = "You exceeded your current quota, please check your plan and billing details."
+            return _error(429, message, "insufficient_quota", "insufficient_quota")
         if reply.kind == "server_error":
             return _error(reply.status, "Internal server error", "internal_server_error", None)
         if reply.kind == "bad_request":
