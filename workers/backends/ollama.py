@@ -82,7 +82,7 @@ class OllamaBackend:
         finally:
             if not checked:
                 # Close the connections the failed check opened.
-                await self._client.close()
+                await self._client.close()  # type: ignore[no-untyped-call]
         return self
 
     async def _check_start_up(self) -> None:
@@ -139,7 +139,7 @@ class OllamaBackend:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self._client.close()
+        await self._client.close()  # type: ignore[no-untyped-call]
 
     async def generate(self, task: Task, model: str, on_piece: OnPiece | None) -> Generation:
         messages = [{"role": m.role, "content": m.content} for m in task.chat_messages()]
