@@ -28,6 +28,10 @@ class _JsonFormatter(logging.Formatter):
             key, sep, value = word.partition("=")
             if sep:
                 fields[key] = value
+        # Set by mesh.tracing.TraceLogFilter inside a span, when tracing is on.
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id:
+            fields["trace_id"] = trace_id
         if record.exc_info:
             fields["exception"] = self.formatException(record.exc_info)
         return json.dumps(fields, default=str)
