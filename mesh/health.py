@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 import msgspec
+from nats.aio.client import Client as NATSClient
 from nats.js.errors import NotFoundError
 
-from mesh.connection import ConnectionSettings, connect, jetstream
+from mesh.connection import ConnectionSettings, jetstream
 from mesh.contract import decode_heartbeat
 from mesh.errors import ConfigError
 from mesh.settings import env_float
@@ -38,6 +39,8 @@ from mesh.topology import WORKERS_BUCKET, heartbeat_subject
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from nats.aio.client import Client as NATS
+
 __all__ = [
     "ROLES",
     "Check",
@@ -45,6 +48,8 @@ __all__ = [
     "check_heartbeat",
     "check_http",
     "check_nats",
+    "options_from",
+    "resolve_role",
     "role_from_command",
     "run_checks",
     "worker_id_from_command",
@@ -90,13 +95,11 @@ def role_from_command(argv: Sequence[str]) -> str | None:
     """The role a command line runs: `d8 worker ...` -> worker, `nats-server ...` -> nats."""
     for index, word in enumerate(argv):
         name = os.path.basename(word)
-        if name.startswith("nats-server"):
+        if name.startswith("nats-server") or name == "nats-entrypoint.sh":
             return "nats"
         if name in ("d8", "cli.py") or word == "mesh.cli":
-            rest = [w for w in argv[index + 1 :] if not w.startswith("-")]
-            if rest and rest[0] in ("worker", "orchestrator"):
-                return rest[0]
-            return None
+            # The first subcommand word, past options such as `--log-level debug`.
+            return next((w for w in argv[index + 1 :] if w in ("worker", "orchestrator")), None)
     return None
 
 
@@ -131,11 +134,29 @@ def resolve_role(
     return chosen, argv
 
 
+async def _connect_once(settings: ConnectionSettings) -> NATS:
+    """Connect without the services' endless reconnects: a probe answers now or fails."""
+    # nats-py reads 0 attempts as "no limit"; one attempt per server, a short pause.
+    options = {
+        **settings.options(),
+        "allow_reconnect": False,
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.1,
+    }
+    nc = NATSClient()
+    try:
+        await nc.connect(**options, error_cb=_quiet)
+    except Exception as exc:
+        # nats-py raises bare errors here; keep only their text (never the URL's password).
+        raise ConfigError(f"cannot connect to NATS: {exc or type(exc).__name__}") from None
+    return nc
+
+
 async def check_nats(settings: ConnectionSettings, timeout_s: float) -> Check:
     """Connect with the role's own credentials and make one round trip."""
     try:
         with anyio.fail_after(timeout_s):
-            nc = await connect(settings, error_cb=_quiet)
+            nc = await _connect_once(settings)
             try:
                 started = time.perf_counter()
                 await nc.flush(timeout=timeout_s)
@@ -159,7 +180,7 @@ async def check_heartbeat(
     name = "heartbeat"
     try:
         with anyio.fail_after(timeout_s):
-            nc = await connect(settings, error_cb=_quiet)
+            nc = await _connect_once(settings)
             try:
                 js = jetstream(nc, settings)
                 msg = await js.get_last_msg(
