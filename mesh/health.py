@@ -8,7 +8,7 @@ A port that accepts connections says little. So each role checks what it exists 
 - `orchestrator`: NATS is reachable and the HTTP API's `/health` answers 200, which it does
   only while the orchestrator's own NATS connection is up;
 - `nats`: the server's monitoring endpoint `/healthz` answers ok (JetStream included
-  where it is enabled).
+  where it is enabled), and on a leaf node (D8_HUB_LEAF_URL set) the link to the hub is up.
 
 The role comes from `--role`, else `D8_ROLE`, else the command of PID 1 (the container's
 main process), so one image-wide HEALTHCHECK fits every service.
@@ -47,6 +47,7 @@ __all__ = [
     "HealthOptions",
     "check_heartbeat",
     "check_http",
+    "check_leaf_link",
     "check_nats",
     "options_from",
     "resolve_role",
@@ -80,6 +81,8 @@ class HealthOptions:
     max_heartbeat_age_s: float = 15.0
     http_url: str = "http://127.0.0.1:7001/health"
     monitor_url: str = "http://127.0.0.1:8222/healthz"
+    #: A leaf node is healthy only while its link to the hub is up.
+    leaf_link: bool = False
     timeout_s: float = 5.0
 
 
@@ -159,7 +162,7 @@ async def check_nats(settings: ConnectionSettings, timeout_s: float) -> Check:
             nc = await _connect_once(settings)
             try:
                 started = time.perf_counter()
-                await nc.flush(timeout=timeout_s)
+                await nc.flush(timeout=max(1, round(timeout_s)))
                 rtt_ms = (time.perf_counter() - started) * 1000
             finally:
                 await nc.close()
@@ -218,10 +221,26 @@ async def check_http(name: str, url: str, timeout_s: float) -> Check:
     return Check(name, True, f"{url}: HTTP 200")
 
 
+async def check_leaf_link(monitor_url: str, timeout_s: float) -> Check:
+    """Whether this server (a leaf node) has its link to the hub up, from `/leafz`."""
+    url = monitor_url.rsplit("/", 1)[0] + "/leafz"
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            links = (await client.get(url)).json().get("leafnodes", 0)
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return Check("leaf-link", False, f"{url}: {type(exc).__name__}")
+    if not links:
+        return Check("leaf-link", False, "no link to the hub: check D8_HUB_LEAF_URL and port 7422")
+    return Check("leaf-link", True, f"links={links}")
+
+
 async def run_checks(options: HealthOptions) -> list[Check]:
     """Every probe of `options.role`, in order; the role is healthy when all pass."""
     if options.role == "nats":
-        return [await check_http("nats-monitor", options.monitor_url, options.timeout_s)]
+        checks = [await check_http("nats-monitor", options.monitor_url, options.timeout_s)]
+        if options.leaf_link:
+            checks.append(await check_leaf_link(options.monitor_url, options.timeout_s))
+        return checks
     checks = [await check_nats(options.connection, options.timeout_s)]
     if options.role == "worker":
         if options.worker_id is None:
@@ -260,5 +279,7 @@ def options_from(
         max_heartbeat_age_s=3 * interval_s,
         http_url=env.get("D8_HEALTH_URL", f"http://127.0.0.1:{port}/health"),
         monitor_url=env.get("D8_NATS_MONITOR_URL", "http://127.0.0.1:8222/healthz"),
+        # The leaf's container has the hub's address; the hub's does not.
+        leaf_link=bool(env.get("D8_HUB_LEAF_URL")),
         timeout_s=env_float(env, "D8_HEALTH_TIMEOUT_S", 5.0, minimum=0.5),
     )

@@ -19,6 +19,7 @@ from nats.js.errors import NoStreamResponseError
 
 from mesh.connection import ConnectionSettings
 from mesh.contract import Task
+from mesh.health import HealthOptions, run_checks
 from mesh.topology import TASKS_STREAM, Capability, TopologySettings, declare_capability
 from orchestrator.core import Orchestrator, OrchestratorSettings
 from tests.deploy.nats_configs import ADMIN, PASSWORDS, hub_and_leaf
@@ -107,6 +108,27 @@ async def test_worker_on_leaf_consumes_tasks_published_at_hub(
             await poll_until(lambda: WORKER_ID not in orchestrator.workers, what="worker gone")
     assert "Violation" not in (tmp_path / "hub.log").read_text()
     assert "Violation" not in (tmp_path / "leaf.log").read_text()
+
+
+async def test_leaf_health_follows_its_link_to_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with hub_and_leaf(tmp_path, monkeypatch) as (hub, leaf):
+        options = HealthOptions(
+            role="nats",
+            connection=ConnectionSettings(),
+            monitor_url=f"{leaf.monitor_url}/healthz",
+            leaf_link=True,
+            timeout_s=2,
+        )
+        assert all(check.ok for check in await run_checks(options))
+        hub.stop()
+
+        async def link_down() -> bool:
+            checks = await run_checks(options)
+            return [c.ok for c in checks] == [True, False]
+
+        await poll_until(link_down, what="the leaf to notice the hub is gone")
 
 
 async def test_compromised_leaf_cannot_inject_tasks_into_the_hub(
