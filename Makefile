@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,cloud]"
+	$(PY) -m pip install --quiet -e ".[dev,cloud,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,212 @@
+"""Turning a run's results into a table, a JSON file, a plot, and the block in the docs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mesh.server import find_server_binary
+
+__all__ = ["machine", "plot", "table", "update_docs", "write_json"]
+
+DOCS_START = "<!-- bench:results:start -->"
+DOCS_END = "<!-- bench:results:end -->"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import subprocess
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    server = subprocess.run(
+        [find_server_binary(), "--version"], capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "nats_server": server,
+        "nats_py": metadata.version("nats-py"),
+        "msgspec": metadata.version("msgspec"),
+    }
+
+
+def write_json(results: dict[str, Any], out_dir: Path) -> Path:
+    """Write the run as `run-<time>.json` and `latest.json`; return the former."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    text = json.dumps(results, indent=1, sort_keys=True)
+    path.write_text(text)
+    (out_dir / "latest.json").write_text(text)
+    return path
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float | int):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    cpu = row.get("cpu_us_per_task", {})
+    return " / ".join(_fmt(cpu.get(k)) for k in ("worker", "server", "producer"))
+
+
+def _versus_rows(results: dict[str, Any]) -> list[str]:
+    tp, lat = results.get("throughput", {}), results.get("latency", {})
+    rows = []
+    for name, label in (("raw", "raw nats-py JetStream"), ("mesh", "d8-mesh (full path)")):
+        t, lt = tp.get(name, {}), lat.get(name, {})
+        ratio = "1.00" if name == "raw" else _fmt(tp.get("ratio_median"), 2)
+        rows.append(
+            f"| {label} | {_fmt(t.get('tasks_per_s'))} | {ratio} | {_fmt(lt.get('p50_ms'), 2)} "
+            f"| {_fmt(lt.get('p99_ms'), 2)} | {_cpu(t)} | {_fmt(t.get('worker_peak_rss_mb'), 1)} |"
+        )
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as markdown: the head-to-head table, then one line per other figure."""
+    lines = [
+        "| system | tasks/s | x raw | p50 ms at 500/s | p99 ms | CPU us/task worker / server "
+        "/ producer | worker peak RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *_versus_rows(results),
+        "",
+    ]
+    tp = results.get("throughput", {})
+    if tp.get("ratios"):
+        lines.append(f"- Throughput ratio mesh/raw per interleaved pair: {tp['ratios']}")
+    lat = results.get("latency", {})
+    if lat.get("ratios"):
+        lines.append(f"- p50 latency ratio mesh/raw per pair: {lat['ratios']}")
+    log = results.get("log_cost", {})
+    if "info_line_us" in log:
+        lines.append(
+            f"- Per-task INFO log line: worker {_fmt(log['worker_cpu_us_per_task']['warning'])} "
+            f"us/task at warning, {_fmt(log['worker_cpu_us_per_task']['info'])} at info "
+            f"({_fmt(log['info_line_us'])} us per line); tasks/s {log['tasks_per_s']}"
+        )
+    llm = results.get("llm", {})
+    if "added_p50_ms" in llm:
+        lines.append(
+            f"- LLM call ({_fmt(llm['server_delay_ms'])} ms server, {llm['calls']} calls each): "
+            f"direct p50 {_fmt(llm['direct']['p50_ms'], 2)} ms, through the mesh "
+            f"{_fmt(llm['mesh']['p50_ms'], 2)} ms: mesh adds {_fmt(llm['added_p50_ms'], 2)} ms "
+            f"at p50 ({_fmt(llm['added_mean_ms'], 2)} ms mean); Ollama worker RSS "
+            f"{_fmt(llm['ollama_worker_rss_mb'], 1)} MB"
+        )
+    lines.extend(_memory_lines(results.get("memory", {})))
+    start = results.get("startup", {})
+    if "seconds_to_first_result" in start:
+        lines.append(
+            f"- `d8 up` to first result: {_fmt(start['seconds_to_first_result'], 2)} s "
+            f"(HTTP API answering after {_fmt(start['seconds_to_http_answer'], 2)} s)"
+        )
+    scale = results.get("scale", {})
+    if scale and "error" not in scale:
+        shown = ", ".join(
+            f"{k} -> {_fmt(v['tasks_per_s'])}" for k, v in scale.items() if isinstance(v, dict)
+        )
+        lines.append(f"- Worker processes -> mesh tasks/s: {shown}")
+    for name, section in results.items():
+        if isinstance(section, dict) and "error" in section:
+            lines.append(f"- Section {name} failed: {section['error']}")
+    return "\n".join(lines)
+
+
+def _memory_lines(memory: dict[str, Any]) -> list[str]:
+    if "echo_worker_rss_mb" not in memory:
+        return []
+    imports = memory["echo_worker_imports"]
+    lines = [
+        f"- Idle RSS: echo worker {_fmt(memory['echo_worker_rss_mb'], 1)} MB, `d8 orchestrator` "
+        f"{_fmt(memory['orchestrator_rss_mb'], 1)} MB, nats-server "
+        f"{_fmt(memory['server_rss_mb'], 1)} MB; backend SDKs imported by the echo worker: "
+        f"{', '.join(imports['sdk_modules_loaded']) or 'none'} ({imports['modules']} modules)"
+    ]
+    backlog = memory.get("backlog", {})
+    if "rss_while_waiting_mb" in backlog:
+        before, during = backlog["rss_before_mb"], backlog["rss_while_waiting_mb"]
+        lines.append(
+            f"- With {backlog['waiting_in_stream']:,} tasks waiting: echo worker "
+            f"{before['worker']} -> {during['worker']} MB, `d8 orchestrator` "
+            f"{before['orchestrator']} -> {during['orchestrator']} MB, nats-server "
+            f"{before['server']} -> {during['server']} MB"
+        )
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> Path | None:
+    """A PNG with throughput, latency and scaling; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    tp, lat, scale = (
+        results.get("throughput", {}),
+        results.get("latency", {}),
+        results.get("scale", {}),
+    )
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = ["raw JetStream", "d8-mesh"]
+    axes[0].bar(
+        names,
+        [tp.get(k, {}).get("tasks_per_s") or 0 for k in ("raw", "mesh")],
+        color=["#999", "#1f77b4"],
+    )
+    axes[0].set_title("throughput, no-op tasks (median)")
+    axes[0].set_ylabel("tasks/s")
+    for index, key in enumerate(("p50_ms", "p99_ms")):
+        values = [lat.get(k, {}).get(key) or 0 for k in ("raw", "mesh")]
+        axes[1].bar([x + index * 0.4 for x in range(2)], values, width=0.4, label=key.split("_")[0])
+    axes[1].set_xticks([0.2, 1.2], names)
+    axes[1].set_title(
+        f"latency at {_fmt((lat.get('mesh_runs') or [{}])[0].get('offered_rate'))} tasks/s"
+    )
+    axes[1].set_ylabel("ms, enqueue to result observed")
+    axes[1].legend()
+    counts = [k for k, v in scale.items() if isinstance(v, dict)]
+    axes[2].plot(counts, [scale[k]["tasks_per_s"] or 0 for k in counts], marker="o")
+    axes[2].set_title("d8-mesh throughput by worker processes")
+    axes[2].set_xlabel("worker processes")
+    axes[2].set_ylabel("tasks/s")
+    axes[2].set_ylim(bottom=0)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def update_docs(doc: Path, block: str) -> bool:
+    """Replace the generated block between the markers in `doc`; False when they are missing."""
+    if not doc.exists():
+        return False
+    text = doc.read_text()
+    pattern = re.compile(re.escape(DOCS_START) + ".*?" + re.escape(DOCS_END), re.S)
+    if not pattern.search(text):
+        return False
+    doc.write_text(pattern.sub(lambda _: f"{DOCS_START}\n{block}\n{DOCS_END}", text))
+    return True
