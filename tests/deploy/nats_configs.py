@@ -1,7 +1,7 @@
 """Rendering the configs of deploy/nats for a test: loopback, random ports, temp stores.
 
-Only listen addresses and the store directory change; permissions, users, mappings and
-JetStream settings are the shipped ones. Each replacement must find its text, so a config
+Only listen addresses change (the store directory is D8_NATS_STORE_DIR, as in the image);
+permissions, users, mappings and JetStream settings are the shipped ones. Each replacement must find its text, so a config
 edit that the rendering no longer matches fails loudly instead of testing something else.
 """
 
@@ -70,7 +70,10 @@ def _with_admin(text_replacements: dict[str, str], admin: bool) -> dict[str, str
 
 
 def render_hub(directory: Path, *, admin: bool = False) -> Path:
-    """hub.conf on 127.0.0.1 with random client, leaf and monitoring ports."""
+    """hub.conf on 127.0.0.1 with random client, leaf and monitoring ports.
+
+    JetStream's store is D8_NATS_STORE_DIR, which the caller sets.
+    """
     return render(
         "hub.conf",
         directory,
@@ -78,7 +81,6 @@ def render_hub(directory: Path, *, admin: bool = False) -> Path:
             {
                 "listen: 0.0.0.0:4222": "listen: 127.0.0.1:-1",
                 "http: 127.0.0.1:8222": "http: 127.0.0.1:-1",
-                "store_dir: /data/jetstream": f'store_dir: "{directory / "jetstream"}"',
                 "listen: 0.0.0.0:7422": "listen: 127.0.0.1:-1",
             },
             admin,
@@ -125,6 +127,7 @@ def hub_and_leaf(
     for name, value in PASSWORDS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("D8_NODE_NAME", "pi-test")
+    monkeypatch.setenv("D8_NATS_STORE_DIR", str(tmp_path / "hub" / "jetstream"))
     hub_conf = render_hub(tmp_path / "hub", admin=admin)
     with EmbeddedServer(
         tmp_path / "hub", config_file=hub_conf, log_file=tmp_path / "hub.log"

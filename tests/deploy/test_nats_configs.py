@@ -19,7 +19,7 @@ ENTRYPOINT = ROOT / "docker" / "nats-entrypoint.sh"
 ROUTES = {f"D8_ROUTE_{n}": f"nats-route://route:r@127.0.0.1:{6221 + n}" for n in (1, 2, 3)}
 # What each config reads from the environment, as compose and the systemd units set it.
 ENV = {
-    "hub": dict(PASSWORDS),
+    "hub": {**PASSWORDS, "D8_NATS_STORE_DIR": "/data/jetstream"},
     "leaf": {
         "D8_WORKER_PASSWORD": PASSWORDS["D8_WORKER_PASSWORD"],
         "D8_NODE_NAME": "pi-1",
@@ -29,6 +29,7 @@ ENV = {
         **PASSWORDS,
         **ROUTES,
         "D8_NODE_NAME": "nats-1",
+        "D8_NATS_STORE_DIR": "/data/jetstream",
         "D8_ROUTE_PASSWORD": "route-test-password-0001",
     },
 }

@@ -74,10 +74,12 @@ async def _declare(url: str) -> None:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     """One hub for the refusal table, declared by the orchestrator role."""
+    directory = tmp_path_factory.mktemp("hub")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PASSWORDS.items():
             patch.setenv(name, value)
-        server = _start_hub(tmp_path_factory.mktemp("hub"))
+        patch.setenv("D8_NATS_STORE_DIR", str(directory / "jetstream"))
+        server = _start_hub(directory)
     try:
         anyio.run(_declare, server.url)
         yield server
@@ -160,6 +162,7 @@ async def test_roles_work_together_with_only_their_rights(
 ) -> None:
     for name, value in PASSWORDS.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("D8_NATS_STORE_DIR", str(tmp_path / "jetstream"))
     server = _start_hub(tmp_path)
     try:
         await _declare(server.url)
