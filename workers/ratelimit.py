@@ -26,6 +26,9 @@ WINDOW_S = 60.0
 class RequestLimiter:
     """Lets at most `rpm` calls start in any sliding 60-second window."""
 
+    # LIMITATION: the count is per worker process; workers sharing one provider account
+    # each get the full budget.
+
     def __init__(self, rpm: float, *, window_s: float = WINDOW_S) -> None:
         if rpm <= 0:
             raise ConfigError(f"--rpm {rpm}: use a positive number of requests per minute")

@@ -54,10 +54,13 @@ async def test_rate_limit_with_retry_after_naks_with_that_delay(
         assert (info.delivered.consumer_seq, info.num_ack_pending) == (1, 1)
         assert len(provider.fake.calls_for("slow down")) == 1
         result = await orch.wait("rl-1", timeout_s=10)
+        # JetStream delivered it a second time (num_delivered 2 is the result's attempt).
+        settled = await poll_until(lambda: _consumer_settled(orch.js), what="the ack")
 
     calls = provider.fake.calls_for("slow down")
     assert result is not None
     assert (result.status, result.attempt) == ("ok", 2), result
+    assert settled.delivered.consumer_seq == 2
     assert len(calls) == 2
     assert 0.9 <= calls[1].at - calls[0].at < 3.0
 

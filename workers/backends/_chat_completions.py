@@ -173,6 +173,8 @@ class ChatCompletionsBackend:
         usage: Any = None
         finish_reason: str | None = None
         saw_choice = False
+        # LIMITATION: a server too old to know `stream_options` answers 400, and streaming
+        # tasks then end as invalid; llama.cpp, vLLM and LM Studio accept it.
         stream = await self._client.chat.completions.create(
             **request, stream=True, **self.flavour.stream_usage
         )
