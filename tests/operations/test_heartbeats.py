@@ -127,6 +127,7 @@ async def test_a_killed_worker_is_noticed_within_ttl_plus_one_interval(
             doomed.stop()
         left = await read_heartbeats(orch.js)
 
+    print(f"killed worker noticed after {noticed_s:.2f}s (bound {bound_s:g}s)")
     assert noticed_s <= bound_s, f"noticed after {noticed_s:.2f}s, bound {bound_s}s"
     # The server's delete marker on expiry, not a poll and not the worker's own goodbye.
     assert "worker gone worker_id=doomed reason=PURGE" in caplog.text
