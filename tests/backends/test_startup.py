@@ -87,10 +87,14 @@ async def test_an_unreachable_endpoint_stops_start_up(
         port = sock.getsockname()[1]
     # Nothing listens on `port` now: every connection is refused at once.
     suffix = "/v1" if backend == "openai" else ""
-    settings = BackendSettings(models=(MODEL,), base_url=f"http://127.0.0.1:{port}{suffix}")
-    with pytest.raises(ConfigError, match=r"(cannot reach|does not answer)"):
+    url = f"http://proxy-user:proxy-secret@127.0.0.1:{port}{suffix}"
+    settings = BackendSettings(models=(MODEL,), base_url=url)
+    with pytest.raises(ConfigError, match=r"(cannot reach|does not answer)") as raised:
         async with load_backend(backend, settings):
             pass
+    # A proxy's credentials in the address stay out of the message.
+    assert "proxy-secret" not in str(raised.value)
+    assert f"***@127.0.0.1:{port}" in str(raised.value)
 
 
 async def test_the_base_url_comes_from_the_conventional_variable(

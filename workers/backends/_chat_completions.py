@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
+from mesh.connection import redact_url
 from mesh.contract import Usage
 from mesh.errors import ConfigError, TransientError
 from workers.backends import BackendSettings, Generation, OnPiece
@@ -94,7 +95,8 @@ class ChatCompletionsBackend:
 
     @property
     def where(self) -> str:
-        return f"{self.flavour.provider} at {self.base_url or 'its default address'}"
+        shown = redact_url(self.base_url) if self.base_url else "its default address"
+        return f"{self.flavour.provider} at {shown}"
 
     async def __aenter__(self) -> Self:
         checked = False

@@ -26,6 +26,7 @@ except ImportError:
         "the gemini backend needs the google-genai package: pip install 'd8-mesh[cloud]'"
     ) from None
 
+from mesh.connection import redact_url
 from mesh.contract import Usage
 from workers.backends import BackendSettings, Generation, OnPiece
 from workers.backends._errors import (
@@ -95,7 +96,8 @@ class GeminiBackend:
 
     @property
     def where(self) -> str:
-        return f"Gemini at {self.base_url or 'its default address'}"
+        shown = redact_url(self.base_url) if self.base_url else "its default address"
+        return f"Gemini at {shown}"
 
     async def __aenter__(self) -> Self:
         checked = False

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Self
 import httpx
 import ollama
 
+from mesh.connection import redact_url
 from mesh.contract import Usage
 from mesh.errors import ConfigError, TransientError
 from workers.backends import BackendSettings, Generation, OnPiece
@@ -67,6 +68,8 @@ class OllamaBackend:
             )
         self.models = settings.models
         self.host = ollama_host(settings.base_url)
+        # For messages and logs: a proxy's credentials in the URL stay out of them.
+        self.shown_host = redact_url(self.host)
         self.keep_alive = _keep_alive(os.environ.get(KEEP_ALIVE_VARIABLE, DEFAULT_KEEP_ALIVE))
         self._pull = settings.pull
         timeout = httpx.Timeout(settings.timeout_s, connect=CONNECT_TIMEOUT_S)
@@ -91,12 +94,12 @@ class OllamaBackend:
             listed = await self._client.list()
         except ollama.ResponseError as exc:
             raise ConfigError(
-                f"Ollama at {self.host} refused to list models ({exc.status_code}): "
+                f"Ollama at {self.shown_host} refused to list models ({exc.status_code}): "
                 f"{redact(exc.error or '')}; check OLLAMA_API_KEY if a proxy guards it"
             ) from None
         except (httpx.TransportError, ConnectionError) as exc:
             raise ConfigError(
-                f"Ollama does not answer at {self.host} ({type(exc).__name__}): start it "
+                f"Ollama does not answer at {self.shown_host} ({type(exc).__name__}): start it "
                 "(`ollama serve`) or set OLLAMA_HOST"
             ) from None
         present = {m.model for m in listed.models if m.model}
@@ -105,13 +108,13 @@ class OllamaBackend:
                 continue
             if not self._pull:
                 raise ConfigError(
-                    f"model {model!r} is not in Ollama at {self.host}: run `ollama pull {model}` "
-                    "or start the worker with --pull"
+                    f"model {model!r} is not in Ollama at {self.shown_host}: "
+                    f"run `ollama pull {model}` or start the worker with --pull"
                 )
             await self._pull_model(model)
 
     async def _pull_model(self, model: str) -> None:
-        logger.info("pulling model model=%s host=%s", model, self.host)
+        logger.info("pulling model model=%s host=%s", model, self.shown_host)
         last_logged = -PULL_LOG_INTERVAL_S
         try:
             async for progress in await self._client.pull(model, stream=True):
@@ -128,7 +131,7 @@ class OllamaBackend:
                     last_logged = now
         except ollama.ResponseError as exc:
             raise ConfigError(
-                f"Ollama at {self.host} could not pull {model!r}: {redact(exc.error or '')}; "
+                f"Ollama at {self.shown_host} could not pull {model!r}: {redact(exc.error or '')}; "
                 "check the name at https://ollama.com/library"
             ) from None
         logger.info("model pulled model=%s", model)
@@ -154,12 +157,14 @@ class OllamaBackend:
                 return _generation(model, response.message.content or "", response, started, None)
             return await self._stream(model, messages, options, on_piece, started)
         except ollama.ResponseError as exc:
-            raise _translate(exc, model, self.host) from exc
+            raise _translate(exc, model, self.shown_host) from exc
         except httpx.TimeoutException as exc:
-            raise TransientError(f"Ollama at {self.host} timed out ({type(exc).__name__})") from exc
+            raise TransientError(
+                f"Ollama at {self.shown_host} timed out ({type(exc).__name__})"
+            ) from exc
         except (httpx.TransportError, ConnectionError) as exc:
             # A stream cut mid-way (the runner was killed) arrives here too.
-            message = f"Ollama at {self.host} unreachable ({type(exc).__name__})"
+            message = f"Ollama at {self.shown_host} unreachable ({type(exc).__name__})"
             raise TransientError(message) from exc
 
     async def _stream(
