@@ -4,6 +4,9 @@ POST /tasks            one task or a list; `?wait=S` waits up to S seconds for r
 GET  /results/{id}     the result; `?wait=S` waits for it; 404 while there is none
 GET  /workers          live workers and their last heartbeats
 GET  /health           200 when NATS is connected, 503 otherwise
+GET  /status           workers, queues and recent failures from JetStream (as `d8 status`)
+GET  /metrics          Prometheus text
+GET  /dashboard        a page that shows /status and redraws itself
 """
 
 from __future__ import annotations

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 # How many queued tasks one move step takes from a dead capability's consumer.
 _MOVE_BATCH = 64
 _FETCH_TIMEOUT_S = 0.5
+# The first snapshot of the `workers` bucket takes milliseconds; never wait forever for it.
+_LOAD_WAIT_S = 10.0
 
 
 class UnservedError(SubmitError):
@@ -148,7 +150,8 @@ class Router:
 
     async def route(self, task: Task) -> Task:
         """The task to publish: as given, with a fallback model, or UnservedError."""
-        await self._orchestrator.workers_loaded.wait()
+        with anyio.move_on_after(_LOAD_WAIT_S):
+            await self._orchestrator.workers_loaded.wait()
         capability = Capability.for_model(task.model, self.kind)
         live = self.live()
         if str(capability) in live:

@@ -6,11 +6,13 @@ import signal
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 
 from mesh.contract import Task
 from mesh.errors import ConfigError
 from mesh.topology import TASKS_STREAM, TopologySettings
+from orchestrator.http import create_app
 from orchestrator.routing import Chain, RoutingSettings, UnservedError, parse_chains
 from tests.helpers import (
     WorkerProcess,
@@ -72,6 +74,9 @@ async def test_a_model_nobody_serves_fails_fast_with_what_is_live(nats_url: str)
                 [Task(id="fine", prompt="x"), Task(id="no", prompt="x", model="llama3")], 5
             )
         served = await orch.submit(Task(id="served", prompt="x"))
+        app = httpx.ASGITransport(app=create_app(orch))
+        async with httpx.AsyncClient(transport=app, base_url="http://d8") as http:
+            refused = await http.post("/tasks", json={"id": "h", "prompt": "x", "model": "llama3"})
         stored = (await orch.js.stream_info(TASKS_STREAM, subjects_filter=">")).state.subjects or {}
     assert str(caught.value) == (
         "no live worker serves model 'llama3' (chat/llama3); live capabilities: chat/any, "
@@ -79,6 +84,7 @@ async def test_a_model_nobody_serves_fails_fast_with_what_is_live(nats_url: str)
     )
     assert caught.value.type_name == "unserved"
     assert served.subject == "tasks.chat.any"
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "unserved"
     assert "tasks.chat.llama3" not in stored, "a refused task must not be queued"
 
 
