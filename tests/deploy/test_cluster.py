@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import urllib.error
 from typing import TYPE_CHECKING
 
 import pytest
@@ -40,6 +41,13 @@ def _peers(node: EmbeddedServer) -> set[str]:
     routes = monitor_json(node, "/routez").get("routes") or []
     assert isinstance(routes, list)
     return {route.get("remote_name", "") for route in routes}
+
+
+def _healthy(node: EmbeddedServer) -> bool:
+    try:
+        return monitor_json(node, "/healthz").get("status") == "ok"
+    except urllib.error.HTTPError:
+        return False  # 503 while JetStream is not current yet
 
 
 @pytest.fixture
@@ -96,11 +104,8 @@ async def test_three_node_cluster_runs_the_mesh_with_three_replicas(
         password=PASSWORDS["D8_WORKER_PASSWORD"],
         inbox_prefix="_INBOX_worker",
     )
-    # JetStream answers once the three nodes have elected a meta leader.
-    wait_for(
-        lambda: all(monitor_json(n, "/jsz").get("meta_cluster", {}).get("leader") for n in cluster),
-        "a JetStream meta leader",
-    )
+    # JetStream answers once every node reports its meta state current.
+    wait_for(lambda: all(_healthy(node) for node in cluster), "JetStream healthy on all nodes")
     settings = OrchestratorSettings(connection=orchestrator_connection, topology=topology)
     async with Orchestrator(settings) as orchestrator:
         await declare_capability(
