@@ -124,7 +124,7 @@ class RoutingSettings:
         return cls(
             chains=chains,
             fail_fast=env_bool(env, "D8_FAIL_UNSERVED", True),
-            move_after_s=env_float(env, "D8_FALLBACK_AFTER_S", cls.move_after_s, minimum=0),
+            move_after_s=env_float(env, "D8_FALLBACK_AFTER_S", cls().move_after_s, minimum=0),
         )
 
 

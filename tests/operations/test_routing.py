@@ -40,6 +40,17 @@ def _serving(url: str, *models: str, **overrides: object) -> WorkerSettings:
     return replace(settings, backend_settings=BackendSettings(models=models))
 
 
+def test_routing_settings_come_from_the_environment() -> None:
+    assert RoutingSettings.from_env({}) == RoutingSettings()
+    assert RoutingSettings.from_env({}).move_after_s == 30.0
+    settings = RoutingSettings.from_env(
+        {"D8_FALLBACK": CHAIN, "D8_FAIL_UNSERVED": "0", "D8_FALLBACK_AFTER_S": "5"}
+    )
+    assert settings == RoutingSettings(
+        chains=(Chain((DEEPSEEK, GROQ, GEMINI)),), fail_fast=False, move_after_s=5.0
+    )
+
+
 def test_chains_parse_from_the_variable() -> None:
     assert parse_chains(f" {CHAIN} ; a>b ") == (Chain((DEEPSEEK, GROQ, GEMINI)), Chain(("a", "b")))
     assert Chain((DEEPSEEK, GROQ, GEMINI)).after("deepseek-coder-6-7b") == (GROQ, GEMINI)
