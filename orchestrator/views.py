@@ -7,11 +7,13 @@ import time
 from typing import TYPE_CHECKING
 
 import anyio
+from nats.js.errors import NotFoundError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from mesh.connection import ConnectionSettings, connect, jetstream
+from mesh.errors import ConfigError
 from orchestrator.status import StatusCollector, read_heartbeats, worker_view
 
 if TYPE_CHECKING:
@@ -131,15 +133,25 @@ async def _jetstream() -> tuple[NATS, JetStreamContext]:
     return nc, jetstream(nc, settings)
 
 
+async def _collect(collector: StatusCollector) -> StatusSnapshot:
+    try:
+        return await collector.collect()
+    except NotFoundError:
+        raise ConfigError(
+            "the mesh's streams and buckets are not there yet: start `d8 orchestrator` "
+            "(or `d8 up`) once against this NATS server; it declares them"
+        ) from None
+
+
 async def status_command(args: argparse.Namespace) -> int:
     """Print the tables once; with `--sample-s`, look twice so the rate has a window."""
     nc, js = await _jetstream()
     try:
         collector = StatusCollector(js)
-        snapshot = await collector.collect()
+        snapshot = await _collect(collector)
         if args.sample_s > 0:
             await anyio.sleep(args.sample_s)
-            snapshot = await collector.collect()
+            snapshot = await _collect(collector)
     finally:
         await nc.close()
     console.print(status_view(snapshot))
@@ -154,7 +166,7 @@ async def watch_command(args: argparse.Namespace) -> int:
     try:
         with Live(console=console, auto_refresh=False, screen=False) as live:
             while args.count <= 0 or drawn < args.count:
-                live.update(status_view(await collector.collect()), refresh=True)
+                live.update(status_view(await _collect(collector)), refresh=True)
                 drawn += 1
                 if args.count <= 0 or drawn < args.count:
                     await anyio.sleep(args.interval_s)
@@ -168,6 +180,8 @@ async def workers_command(args: argparse.Namespace) -> int:
     nc, js = await _jetstream()
     try:
         heartbeats = await read_heartbeats(js)
+    except NotFoundError:
+        heartbeats = []
     finally:
         await nc.close()
     now = time.time()

@@ -76,6 +76,14 @@ async def test_status_watch_and_workers_print_live_tables(nats_url: str, tmp_pat
     assert 'd8_worker_concurrency{backend="echo",worker_id="cli-pi"}' in metrics
 
 
+async def test_status_on_a_bare_server_says_to_start_the_orchestrator(nats_url: str) -> None:
+    done = await _d8(nats_url, "status")
+    assert done.returncode == 2
+    assert "start `d8 orchestrator`" in done.stderr and "Traceback" not in done.stderr
+    workers = await _d8(nats_url, "workers")
+    assert workers.returncode == 0 and "live workers (0)" in workers.stdout
+
+
 async def test_status_without_a_server_says_how_to_fix_it() -> None:
     done = await _d8("nats://127.0.0.1:1", "status")
     assert done.returncode == 2
