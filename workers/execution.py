@@ -237,6 +237,7 @@ class TaskRunner:
             result = base.failed(status, error) if base else Result(
                 id=task_id, status=status, error=error, worker_id=self._worker_id,
                 backend=self._backend.name, attempt=attempt, finished_at=time.time(),
+                capability=str(Capability.from_subject(msg.subject)),
             )
             await write_result_once(self._js, result)
         await msg.term()

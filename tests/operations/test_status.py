@@ -86,8 +86,7 @@ async def test_status_figures_equal_jetstreams_own_counts(nats_url: str) -> None
     assert 'd8_queue_in_flight{capability="chat/any"} 1.0' in metrics
     assert 'd8_queue_dead{capability="chat/any"} 1.0' in metrics
     assert "d8_workers_alive 1.0" in metrics
-    # An undecodable task has no base to take its capability from.
-    assert 'results_total{backend="echo",capability="unknown",status="error"} 1.0' in metrics
+    assert 'results_total{backend="echo",capability="chat/any",status="error"} 1.0' in metrics
     assert status["workers"][0]["worker_id"] == "w-status"
     assert page.status_code == 200 and "<title>d8-mesh</title>" in page.text
 
