@@ -137,9 +137,17 @@ class Router:
         self.kind = orchestrator.settings.kind
         self.moved = 0
         self._unserved_since: dict[Capability, float] = {}
+        self._live: set[str] = set()
+        self._live_version: object = None
 
     def live(self) -> set[str]:
-        return self._orchestrator.live_capabilities()
+        """Capabilities with a live worker, recomputed only after the workers changed."""
+        # The orchestrator replaces `workers_changed` on every change: it marks the version.
+        version = self._orchestrator.workers_changed
+        if self._live_version is not version:
+            self._live = self._orchestrator.live_capabilities()
+            self._live_version = version
+        return self._live
 
     def fallbacks(self, capability: Capability) -> list[str]:
         """Models after `capability` in every chain that names it, in chain order."""
@@ -150,8 +158,9 @@ class Router:
 
     async def route(self, task: Task) -> Task:
         """The task to publish: as given, with a fallback model, or UnservedError."""
-        with anyio.move_on_after(_LOAD_WAIT_S):
-            await self._orchestrator.workers_loaded.wait()
+        if not self._orchestrator.workers_loaded.is_set():
+            with anyio.move_on_after(_LOAD_WAIT_S):
+                await self._orchestrator.workers_loaded.wait()
         capability = Capability.for_model(task.model, self.kind)
         live = self.live()
         if str(capability) in live:
