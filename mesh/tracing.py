@@ -18,6 +18,7 @@ no allocation per task. The decision is taken once per process, at start-up.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -100,11 +101,13 @@ def configure_from_env(service_name: str, env: Mapping[str, str] | None = None) 
     # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself; ours is
     # only the default.
     attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
-    provider = TracerProvider(resource=Resource.create(attributes))
+    # Our own `shutdown` flushes at exit (once, also when the CLI already called it).
+    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
     names = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
     for name in (n.strip() for n in names.split(",") if n.strip()):
         provider.add_span_processor(BatchSpanProcessor(_exporter(name, env)))
     configure(provider)
+    atexit.register(shutdown)
     logger.info("tracing on service=%s exporters=%s", service_name, names)
     return True
 
