@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from mesh import tracing
 from mesh.contract import Task
+from mesh.errors import ConfigError
 from tests.helpers import WorkerProcess, orchestrator_for, poll_until
 
 if TYPE_CHECKING:
@@ -105,6 +106,26 @@ def in_memory_spans() -> Iterator[InMemorySpanExporter]:
 )
 def test_tracing_is_on_only_when_otel_variables_ask(env: dict[str, str], wanted: bool) -> None:
     assert tracing.wants_tracing(env) is wanted
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"OTEL_TRACES_EXPORTER": "zipkin"},
+            "OTEL_TRACES_EXPORTER='zipkin': d8 ships `otlp` and `console`",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "d8 exports OTLP over http/protobuf; point OTEL_EXPORTER_OTLP_ENDPOINT at",
+        ),
+    ],
+)
+def test_an_unsupported_exporter_is_a_config_error(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        tracing.configure_from_env("d8-test", env)
+    assert message in str(caught.value)
+    assert not tracing.is_enabled()
 
 
 def test_tracing_off_costs_no_allocation_per_task() -> None:
