@@ -232,8 +232,12 @@ class Router:
         Each moved task is published before the original is acked, so a crash in between
         leaves a copy in both queues, never in neither; the result is still written once.
         """
+        # LIMITATION: pulling needs `$JS.API.CONSUMER.MSG.NEXT.TASKS.*` and `$JS.ACK.TASKS.>`,
+        # which deploy/nats/permissions.conf does not give the orchestrator; with those
+        # permissions only new tasks follow the chain, and a warning says why queued ones stay.
         js = self._orchestrator.js
-        if not await _has_queued(js, source):
+        pending, in_flight = await _queued(js, source)
+        if not (pending or in_flight):
             return 0
         target = Capability.for_model(model, self.kind)
         await self._orchestrator._declare(target)
@@ -249,6 +253,14 @@ class Router:
                     moved += await self._move_one(js, msg, target, model)
         finally:
             await subscription.unsubscribe()
+        if pending and not moved:
+            # A pull nobody answers: typically a NATS user that may not consume TASKS.
+            logger.warning(
+                "queued tasks could not be pulled for moving capability=%s pending=%d: "
+                "may this NATS user pull from TASKS consumers?",
+                source,
+                pending,
+            )
         if moved:
             self.moved += moved
             logger.warning(
@@ -286,11 +298,12 @@ def _moved_task(task: Task, model: str, published_at: float) -> Task:
     return msgspec.structs.replace(task, model=model, deadline=deadline, timeout_s=None)
 
 
-async def _has_queued(js: JetStreamContext, capability: Capability) -> bool:
+async def _queued(js: JetStreamContext, capability: Capability) -> tuple[int, int]:
+    """The capability's pending and in-flight counts; (0, 0) when it has no consumer."""
     from nats.js.errors import NotFoundError
 
     try:
         info = await js.consumer_info(TASKS_STREAM, capability.consumer)
     except NotFoundError:
-        return False
-    return bool(info.num_pending or info.num_ack_pending)
+        return 0, 0
+    return info.num_pending or 0, info.num_ack_pending or 0
