@@ -1,14 +1,16 @@
 """Rendering the configs of deploy/nats for a test: loopback, random ports, temp stores.
 
 Only listen addresses change (the store directory is D8_NATS_STORE_DIR, as in the image);
-permissions, users, mappings and JetStream settings are the shipped ones. Each replacement must find its text, so a config
-edit that the rendering no longer matches fails loudly instead of testing something else.
+permissions, users, mappings and JetStream settings are the shipped ones. Each replacement
+must find its text, so a config edit that the rendering no longer matches fails loudly
+instead of testing something else.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NATS_DIR",
     "PASSWORDS",
+    "free_ports",
     "hub_and_leaf",
     "monitor_json",
     "render",
@@ -69,19 +72,24 @@ def _with_admin(text_replacements: dict[str, str], admin: bool) -> dict[str, str
     return text_replacements
 
 
-def render_hub(directory: Path, *, admin: bool = False) -> Path:
+def render_hub(
+    directory: Path, *, admin: bool = False, ports: tuple[int, int] | None = None
+) -> Path:
     """hub.conf on 127.0.0.1 with random client, leaf and monitoring ports.
+
+    With `ports` (client, leaf) those two are fixed, so a restart keeps them.
 
     JetStream's store is D8_NATS_STORE_DIR, which the caller sets.
     """
+    client, leaf = ports or (-1, -1)
     return render(
         "hub.conf",
         directory,
         _with_admin(
             {
-                "listen: 0.0.0.0:4222": "listen: 127.0.0.1:-1",
+                "listen: 0.0.0.0:4222": f"listen: 127.0.0.1:{client}",
                 "http: 127.0.0.1:8222": "http: 127.0.0.1:-1",
-                "listen: 0.0.0.0:7422": "listen: 127.0.0.1:-1",
+                "listen: 0.0.0.0:7422": f"listen: 127.0.0.1:{leaf}",
             },
             admin,
         ),
@@ -119,16 +127,34 @@ def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> N
         time.sleep(0.02)
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (for configs that must keep theirs across a restart)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 @contextmanager
 def hub_and_leaf(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, admin: bool = False
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    admin: bool = False,
+    fixed_ports: bool = False,
 ) -> Iterator[tuple[EmbeddedServer, EmbeddedServer]]:
     """A running hub and a leaf linked to it, from the shipped configs."""
     for name, value in PASSWORDS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("D8_NODE_NAME", "pi-test")
     monkeypatch.setenv("D8_NATS_STORE_DIR", str(tmp_path / "hub" / "jetstream"))
-    hub_conf = render_hub(tmp_path / "hub", admin=admin)
+    client_port, leaf_port = free_ports(2)
+    ports = (client_port, leaf_port) if fixed_ports else None
+    hub_conf = render_hub(tmp_path / "hub", admin=admin, ports=ports)
     with EmbeddedServer(
         tmp_path / "hub", config_file=hub_conf, log_file=tmp_path / "hub.log"
     ) as hub:

@@ -147,3 +147,44 @@ async def test_compromised_leaf_cannot_inject_tasks_into_the_hub(
                 await intruder.close()
             info = await orchestrator.js.stream_info(TASKS_STREAM)
             assert info.state.messages == 0
+
+
+async def test_pi_worker_carries_on_after_the_hub_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with hub_and_leaf(tmp_path, monkeypatch, fixed_ports=True) as (hub, leaf):
+        async with _orchestrator(hub.url) as orchestrator:
+            await declare_capability(
+                orchestrator.js, Capability.for_model("echo"), TOPOLOGY, update=True
+            )
+            env = _worker_env(leaf.url)
+            worker = WorkerProcess(
+                leaf.url, "--backend", "echo", env=env, log_path=tmp_path / "worker.log"
+            )
+            try:
+                await poll_until(lambda: WORKER_ID in orchestrator.workers, timeout_s=20)
+                _, before = await orchestrator.run([Task(id="r-1", prompt="one")], 15)
+                assert before["r-1"].status == "ok"
+
+                hub.stop()
+                hub.start()  # same ports, same JetStream store
+                link = HealthOptions(
+                    role="nats",
+                    connection=ConnectionSettings(),
+                    monitor_url=f"{leaf.monitor_url}/healthz",
+                    leaf_link=True,
+                    timeout_s=2,
+                )
+
+                async def linked() -> bool:
+                    return all(check.ok for check in await run_checks(link))
+
+                await poll_until(linked, timeout_s=20, what="the leaf to link again")
+                _, after = await orchestrator.run([Task(id="r-2", prompt="two")], 20)
+                assert after["r-2"].status == "ok", worker.log()
+                assert after["r-2"].worker_id == WORKER_ID
+                assert worker.process.poll() is None, "the worker never restarted"
+            finally:
+                assert worker.stop() == 0, worker.log()
+    log = (tmp_path / "worker.log").read_text()
+    assert log.count("pull request ended") < 50, "no busy loop while the hub was away"
