@@ -16,6 +16,8 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from mesh.errors import ConfigError
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -190,5 +192,11 @@ def serve_worker_metrics(worker: Worker, host: str, port: int) -> None:
 
     registry = CollectorRegistry()
     registry.register(WorkerCollector(worker))
-    start_http_server(port, addr=host, registry=registry)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"D8_METRICS_PORT={port}: cannot listen on {host}:{port} ({exc.strerror}); "
+            "pick a free port or leave D8_METRICS_PORT unset"
+        ) from None
     logger.info("worker metrics listening url=http://%s:%d/metrics", host, port)

@@ -84,6 +84,32 @@ async def test_status_on_a_bare_server_says_to_start_the_orchestrator(nats_url: 
     assert workers.returncode == 0 and "live workers (0)" in workers.stdout
 
 
+async def test_a_worker_metrics_port_in_use_is_a_config_error(nats_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "NATS_URL": nats_url,
+            "D8_METRICS_PORT": str(port),
+        }
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "mesh.cli", "worker"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                cwd=ROOT,
+            )
+        )
+    assert done.returncode == 2
+    assert f"D8_METRICS_PORT={port}: cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
 async def test_status_without_a_server_says_how_to_fix_it() -> None:
     done = await _d8("nats://127.0.0.1:1", "status")
     assert done.returncode == 2
