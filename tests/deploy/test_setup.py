@@ -256,3 +256,15 @@ def test_cli_prints_no_secret(tmp_path: Path) -> None:
     assert "model: deepseek-coder:1.3b" in result.stdout
     for secret in ("leaf-secret-0123456789", read_env(env_file)["D8_WORKER_PASSWORD"]):
         assert secret not in result.stdout + result.stderr
+
+
+def test_all_in_one_links_everything_to_the_local_hub(tmp_path: Path) -> None:
+    report = run_setup(_options(tmp_path, fake_root(tmp_path, "pi4-8gb"), "all"))
+    values = read_env(tmp_path / "all.env")
+    leaf_password = values["D8_LEAF_PASSWORD"]
+    assert values["D8_HUB_LEAF_URL"] == f"nats-leaf://leaf:{leaf_password}@nats-hub:7422"
+    assert values["D8_HUB_URL"] == "nats://nats-hub:4222"
+    assert values["D8_OLLAMA_MODEL"] == "deepseek-coder:6.7b"
+    assert "no GROQ_API_KEY: its worker will stop with a config error" in report.notes
+    # The template's comments survive the merge.
+    assert "# Optional here: a cloud worker without its key" in (tmp_path / "all.env").read_text()
