@@ -341,6 +341,9 @@ def _write_env(options: SetupOptions, report: SetupReport, ask: Ask | None) -> P
     if not template_file.is_file():
         raise ConfigError(f"{template_file} not found: run d8 setup in a d8-mesh checkout")
     values = plan_env(options, read_env(env_file), ask)
+    if values["D8_NODE_NAME"] == "raspberrypi" and options.profile != "hub":
+        # Leaf server names and worker ids must differ between nodes.
+        report.notes.append("warning: default host name raspberrypi: give each Pi --node-name")
     need_gb = 2.0
     if options.profile in _OLLAMA_PROFILES:
         report.model = choose_model(report.facts, options.model or values.get("D8_OLLAMA_MODEL"))
