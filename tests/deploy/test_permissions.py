@@ -19,8 +19,15 @@ from mesh.contract import Task, decode_heartbeat
 from mesh.errors import ConfigError
 from mesh.health import check_heartbeat
 from mesh.server import EmbeddedServer
-from mesh.topology import WORKERS_BUCKET, Capability, TopologySettings, declare_capability
+from mesh.topology import (
+    TASKS_STREAM,
+    WORKERS_BUCKET,
+    Capability,
+    TopologySettings,
+    declare_capability,
+)
 from orchestrator.core import Orchestrator, OrchestratorSettings
+from orchestrator.status import StatusCollector
 from tests.deploy.nats_configs import ADMIN, PASSWORDS, render_hub
 from tests.helpers import poll_until, running_worker, worker_settings
 
@@ -119,7 +126,7 @@ REFUSED = [
     ("client", "sub", "tasks.>", "listen to tasks"),
     ("orchestrator", "pub", "$JS.API.STREAM.CREATE.OTHER", "create a foreign stream"),
     ("orchestrator", "pub", "$JS.API.STREAM.INFO.KV_secrets", "look at a foreign bucket"),
-    ("orchestrator", "pub", "$JS.API.CONSUMER.MSG.NEXT.TASKS.chat-any", "consume tasks"),
+    ("orchestrator", "pub", "$JS.API.STREAM.PURGE.KV_secrets", "purge a foreign bucket"),
 ]
 
 
@@ -193,6 +200,27 @@ async def test_roles_work_together_with_only_their_rights(
             # What the worker container's health check does, with the worker's rights.
             check = await check_heartbeat(settings.connection, "w-perm", 5.0, 5.0)
             assert check.ok, check.detail
+            # What `d8 status` reads, as a client: queues, workers, the newest dead letter.
+            snapshot = await StatusCollector(submitter.js).collect()
+            assert snapshot.dead_total == 1
+            assert [f.task_id for f in snapshot.recent_failures] == ["perm-bad"]
+        await _orchestrator_moves_a_task(server.url)
     finally:
         server.stop()
     assert "Violation" not in (tmp_path / "nats.log").read_text()
+
+
+async def _orchestrator_moves_a_task(url: str) -> None:
+    """What orchestrator/routing.py does to move queued tasks: pull, republish, ack."""
+    settings = OrchestratorSettings(connection=role_connection(url, "orchestrator"))
+    async with Orchestrator(settings) as orchestrator:
+        stranded = Capability.for_model("nobody-serves-this")
+        await declare_capability(orchestrator.js, stranded, TOPOLOGY, update=True)
+        await orchestrator.submit(Task(id="perm-move", prompt="x", model="nobody-serves-this"))
+        subscription = await orchestrator.js.pull_subscribe_bind(
+            stranded.consumer, stream=TASKS_STREAM
+        )
+        [msg] = await subscription.fetch(1, timeout=5)
+        await orchestrator.js.publish(Capability.for_model(None).subject, msg.data)
+        await msg.ack_sync()
+        await subscription.unsubscribe()
