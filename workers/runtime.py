@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -105,6 +106,8 @@ class Worker:
         self._stopping = False
         self._in_flight: dict[int, tuple[Msg, float]] = {}
         self._held: list[Msg] = []
+        # Started tasks wait here for one of `concurrency` long-lived runners.
+        self._startable: asyncio.Queue[Msg] = asyncio.Queue()
         self._pullers: list[Puller] = []
         self._ack_wait_s = settings.topology.ack_wait_s
         self._nc: NATS | None = None
@@ -176,6 +179,10 @@ class Worker:
 
         async with anyio.create_task_group() as services, anyio.create_task_group() as tasks:
             self._tasks = tasks
+            # A task per delivery (anyio wraps each in a cancel scope and an event) cost more
+            # than the rest of an echo task's worker share; runners live as long as the worker.
+            for _ in range(self.concurrency):
+                tasks.start_soon(self._run_tasks)
             services.start_soon(self._feed)
             services.start_soon(self._beat)
             services.start_soon(self._keep_leases)
@@ -187,6 +194,7 @@ class Worker:
             self.ready.set()
             await self._stop.wait()
             await self._shut_down(tasks)
+            tasks.cancel_scope.cancel()
             services.cancel_scope.cancel()
 
     def _on_task(self, msg: Msg, puller: Puller) -> None:
@@ -214,7 +222,12 @@ class Worker:
     def _start(self, msg: Msg) -> None:
         assert self._tasks is not None
         self._in_flight[id(msg)] = (msg, time.monotonic())
-        self._tasks.start_soon(self._run_one, msg)
+        self._startable.put_nowait(msg)
+
+    async def _run_tasks(self) -> None:
+        """One runner: take started tasks one after another until cancelled at shutdown."""
+        while True:
+            await self._run_one(await self._startable.get())
 
     async def _run_one(self, msg: Msg) -> None:
         assert self._runner is not None
