@@ -146,12 +146,17 @@ async def test_queued_tasks_move_along_the_chain_after_the_last_worker_dies(
             pi.stop()
         assert orch.router is not None
         moved = orch.router.moved
-        left = (await orch.js.stream_info(TASKS_STREAM)).state.messages
+        # A worker stores the result before it acks: wait for the last ack.
+        left = await poll_until(lambda: _stored(orch, 0), what="TASKS to drain")
 
     assert {s.subject for s in submitted} == {"tasks.chat.deepseek-coder-6-7b"}
     assert all(r is not None and r.status == "ok" for r in results.values()), results
     assert {r.capability for r in results.values() if r} == {"chat/llama-3-1-8b-instant"}
-    assert moved == 4 and left == 0
+    assert moved == 4 and left
+
+
+async def _stored(orch: Orchestrator, count: int) -> bool:
+    return bool((await orch.js.stream_info(TASKS_STREAM)).state.messages == count)
 
 
 async def _in_flight(orch: Orchestrator, consumer: str) -> bool:
