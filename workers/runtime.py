@@ -198,7 +198,8 @@ class Worker:
             services.cancel_scope.cancel()
 
     def _on_task(self, msg: Msg, puller: Puller) -> None:
-        if self._is_running_here(msg):
+        # Only a redelivery can be running here already; the scan costs O(in flight).
+        if msg.metadata.num_delivered > 1 and self._is_running_here(msg):
             # This worker stalled past ack_wait (swap, a paused VM) and got its own task
             # back. The running attempt settles it (acks count per stream sequence); a
             # second run would only lose the create-once race for the result.
