@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import anyio
 import msgspec
-from nats.js.errors import APIError, NoStreamResponseError
+import nats.errors
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from mesh import tracing
 from mesh.connection import ConnectionSettings, connect, jetstream
-from mesh.contract import Heartbeat, Result, Task, decode_heartbeat, decode_result, encode
+from mesh.contract import (
+    Heartbeat,
+    Result,
+    Task,
+    decode_heartbeat,
+    decode_result,
+    decode_task,
+    encode,
+)
 from mesh.errors import SubmitError
 from mesh.results import get_result
 from mesh.topology import (
@@ -39,6 +48,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
+    from nats.js.api import PubAck
     from nats.js.kv import KeyValue
 
 __all__ = ["Orchestrator", "OrchestratorSettings", "Submitted"]
@@ -50,6 +60,11 @@ _PUBLISH_WINDOW = 512
 # nats-py's `publish_async_max_pending` default, and how long a full window may stall.
 _ASYNC_MAX_PENDING = 4000
 _STALL_S = 30.0
+# How long a batch waits for PubAcks before publishing the missing tasks again (the
+# server restarted or failed over and the publish or its ack was lost), and how long
+# one task is retried while JetStream has no stream leader (4.5 s measured in an election).
+_ACK_TIMEOUT_S = 10.0
+_SUBMIT_RETRY_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -187,14 +202,45 @@ class Orchestrator:
             task = await self.router.route(task)
         subject = self.subject_for(task)
         await self._declare(Capability.from_subject(subject))
-        try:
-            headers = tracing.submit_headers(task.id, subject)
-            ack = await self.js.publish(subject, encode(task), headers=headers)
-        except NoStreamResponseError:
-            raise SubmitError(f"no stream answered for {subject}: is JetStream up and TASKS declared?") from None
-        except APIError as exc:
-            raise SubmitError(f"task {task.id} refused by the server: {exc.description}") from exc
+        ack = await self._publish(task, subject)
         return Submitted(task.id, subject, ack.seq, bool(ack.duplicate))
+
+    def _checked(self, task: Task) -> bytes:
+        """The task as sent; what a worker would refuse or NATS could not carry fails here."""
+        data = encode(task)
+        try:
+            decode_task(data)
+        except msgspec.ValidationError as exc:
+            raise SubmitError(f"task {task.id!r} breaks the task contract: {exc}") from None
+        if len(data) > self.nc.max_payload:
+            raise SubmitError(
+                f"task {task.id} is {len(data)} bytes, over the server's max_payload of "
+                f"{self.nc.max_payload} bytes: shorten it, or pass large inputs by reference"
+            )
+        return data
+
+    async def _publish(self, task: Task, subject: str) -> PubAck:
+        """Publish one task and wait for its PubAck, retrying while JetStream fails over.
+
+        Retrying is safe: the task's `Nats-Msg-Id` makes the stream store it once.
+        """
+        data = self._checked(task)
+        headers = tracing.submit_headers(task.id, subject)
+        deadline = time.monotonic() + _SUBMIT_RETRY_S
+        while True:
+            try:
+                return await self.js.publish(subject, data, headers=headers)
+            except (NoStreamResponseError, ServiceUnavailableError, nats.errors.TimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise SubmitError(
+                        f"no stream stored task {task.id} on {subject} within "
+                        f"{_SUBMIT_RETRY_S:.0f}s ({type(e).__name__}): is JetStream up and TASKS "
+                        "declared? Submitting again is safe, the id makes it run once"
+                    ) from None
+                logger.warning("submit retried task_id=%s error=%s", task.id, type(e).__name__)
+                await anyio.sleep(0.5)
+            except APIError as exc:
+                raise SubmitError(f"task {task.id} refused by the server: {exc.description}") from exc
 
     async def submit_many(self, tasks: Iterable[Task]) -> list[Submitted]:
         """Publish many tasks with their acks pipelined; returns one `Submitted` per task."""
@@ -208,18 +254,31 @@ class Orchestrator:
             # to the loop, so each task left in its own write; wait with one only when full.
             stall = _STALL_S if self.js.publish_async_pending() >= _ASYNC_MAX_PENDING - 1 else None
             future = await self.js.publish_async(
-                subject, encode(task), headers=tracing.submit_headers(task.id, subject),
+                subject, self._checked(task), headers=tracing.submit_headers(task.id, subject),
                 wait_stall=stall,
             )
-            pending.append((task.id, subject, future))
+            pending.append((task, subject, future))
         submitted = []
-        for task_id, subject, future in pending:
-            try:
-                ack = await future
-            except APIError as exc:
-                raise SubmitError(f"task {task_id} refused by the server: {exc.description}") from exc
-            submitted.append(Submitted(task_id, subject, ack.seq, bool(ack.duplicate)))
+        deadline = time.monotonic() + _ACK_TIMEOUT_S
+        for task, subject, future in pending:
+            ack = await self._ack_of(task, subject, future, deadline)
+            submitted.append(Submitted(task.id, subject, ack.seq, bool(ack.duplicate)))
         return submitted
+
+    async def _ack_of(
+        self, task: Task, subject: str, future: Awaitable[PubAck], deadline: float
+    ) -> PubAck:
+        """A pipelined publish's PubAck; past `deadline` the task is published again."""
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+            try:
+                return await future
+            except NoStreamResponseError:
+                pass  # no stream leader for a moment (a failover): publish it again below
+            except APIError as exc:
+                raise SubmitError(f"task {task.id} refused by the server: {exc.description}") from exc
+        # The server restarted or failed over: the publish or its ack was lost on the way.
+        logger.warning("no ack for a submitted task, publishing it again task_id=%s", task.id)
+        return await self._publish(task, subject)
 
     # -- results ------------------------------------------------------------------------
 
