@@ -112,4 +112,8 @@ class Puller:
         if status not in ("404", "408"):
             description = msg.headers.get("Description", "") if msg.headers else ""
             logger.warning("pull request ended consumer=%s status=%s reason=%s", self.consumer, status, description)
+        if status == "503":
+            # No responders: the consumer has no leader for a moment (a cluster failover).
+            # Asking again at once would spin; the feed loop asks on its next round.
+            return
         self._on_change()
