@@ -247,14 +247,16 @@ class Orchestrator:
         pending = []
         if self.router is not None:
             tasks = [await self.router.route(task) for task in tasks]
-        for task in tasks:
+        # All checked before any is sent: a refused batch is not half submitted.
+        checked = [(task, self._checked(task)) for task in tasks]
+        for task, data in checked:
             subject = self.subject_for(task)
             await self._declare(Capability.from_subject(subject))
             # With a stall timeout nats-py wraps every publish in a task and a timer and yields
             # to the loop, so each task left in its own write; wait with one only when full.
             stall = _STALL_S if self.js.publish_async_pending() >= _ASYNC_MAX_PENDING - 1 else None
             future = await self.js.publish_async(
-                subject, self._checked(task), headers=tracing.submit_headers(task.id, subject),
+                subject, data, headers=tracing.submit_headers(task.id, subject),
                 wait_stall=stall,
             )
             pending.append((task, subject, future))
