@@ -83,7 +83,8 @@ class HealthOptions:
     monitor_url: str = "http://127.0.0.1:8222/healthz"
     #: A leaf node is healthy only while its link to the hub is up.
     leaf_link: bool = False
-    timeout_s: float = 5.0
+    #: Per probe; two probes plus Python's start stay inside the image's 10 s check timeout.
+    timeout_s: float = 4.0
 
 
 def _read_cmdline(proc: Path, pid: int) -> list[str]:
@@ -281,5 +282,5 @@ def options_from(
         monitor_url=env.get("D8_NATS_MONITOR_URL", "http://127.0.0.1:8222/healthz"),
         # The leaf's container has the hub's address; the hub's does not.
         leaf_link=bool(env.get("D8_HUB_LEAF_URL")),
-        timeout_s=env_float(env, "D8_HEALTH_TIMEOUT_S", 5.0, minimum=0.5),
+        timeout_s=env_float(env, "D8_HEALTH_TIMEOUT_S", HealthOptions.timeout_s, minimum=0.5),
     )
