@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
-from nats.js.errors import BadRequestError, NotFoundError
+import msgspec
+import nats.errors
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from mesh import tracing
 from mesh.contract import Result, decode_result, encode
@@ -13,10 +18,13 @@ from mesh.topology import RESULTS_BUCKET, dead_subject, heartbeat_subject, resul
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
     from nats.js import JetStreamContext
 
 __all__ = [
     "DeadLetter",
+    "ResultWriter",
     "delete_heartbeat",
     "get_result",
     "publish_dead_letter",
@@ -48,6 +56,92 @@ async def write_result_once(
             return False
         raise
     return True
+
+
+class _PubAck(msgspec.Struct):
+    """The part of a JetStream PubAck a result write needs: the error, if there is one."""
+
+    error: dict[str, Any] | None = None
+
+
+_decode_puback = msgspec.json.Decoder(_PubAck).decode
+
+
+class ResultWriter:
+    """`write_result_once` for a busy worker: every write shares one reply subscription.
+
+    `js.publish` makes each write a request of its own: a fresh inbox token, a timer, a
+    JSON parse of the PubAck into a dataclass. Here a write is a plain publish whose reply
+    subject is a counter under one wildcard subscription, and one timer, armed while
+    writes are pending, fails those whose PubAck did not come within `timeout_s`, as
+    `js.publish` would. The PubAck is still awaited before the caller goes on to ack.
+    """
+
+    def __init__(self, nc: NATS, *, timeout_s: float = 10.0) -> None:
+        self._nc = nc
+        self.timeout_s = timeout_s
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._pending: dict[str, tuple[asyncio.Future[None], float]] = {}
+        self._tokens = itertools.count()
+        self._sweep: asyncio.TimerHandle | None = None
+
+    async def write_once(self, result: Result, data: bytes | None = None) -> bool:
+        """Store `result` unless the task already has one; return whether this call stored it."""
+        loop = asyncio.get_running_loop()
+        if self._sub is None:
+            self._prefix = self._nc.new_inbox()
+            self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
+        token = str(next(self._tokens))
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending[token] = (future, time.monotonic() + self.timeout_s)
+        if self._sweep is None:
+            self._sweep = loop.call_later(1.0, self._expire)
+        try:
+            with tracing.span("d8 result write", result.id):
+                await self._nc.publish(
+                    result_subject(result.id),
+                    data or encode(result),
+                    reply=f"{self._prefix}.{token}",
+                    headers=_CREATE_ONLY,
+                )
+                await future
+        except BadRequestError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                return False
+            raise
+        finally:
+            self._pending.pop(token, None)
+        return True
+
+    async def _on_reply(self, msg: Msg) -> None:
+        entry = self._pending.pop(msg.subject.rpartition(".")[2], None)
+        if entry is None or entry[0].done():
+            return
+        future = entry[0]
+        if not msg.data:
+            # A status without a body; 503 means that no stream takes the subject.
+            status = msg.headers.get("Status") if msg.headers else None
+            error = NoStreamResponseError() if status == "503" else APIError(code=int(status or 0))
+            future.set_exception(error)
+            return
+        error_fields = _decode_puback(msg.data).error
+        if error_fields is None:
+            future.set_result(None)
+            return
+        try:
+            APIError.from_error(error_fields)
+        except APIError as exc:
+            future.set_exception(exc)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for token, (future, deadline) in list(self._pending.items()):
+            if now >= deadline and not future.done():
+                del self._pending[token]
+                future.set_exception(nats.errors.TimeoutError())
+        loop = asyncio.get_running_loop()
+        self._sweep = loop.call_later(1.0, self._expire) if self._pending else None
 
 
 async def get_result(js: JetStreamContext, task_id: str) -> Result | None:

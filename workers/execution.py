@@ -19,7 +19,7 @@ import nats.errors
 
 from mesh.contract import ErrorInfo, Result, Task, Timings, Usage, decode_task, encode, is_valid_task_id
 from mesh.errors import InvalidTaskError, RetryableError, WorkerFatalError
-from mesh.results import get_result, publish_dead_letter, write_result_once
+from mesh.results import ResultWriter, get_result, publish_dead_letter, write_result_once
 from mesh.topology import ANY_MODEL, Capability, chunk_subject, model_token
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ class TaskRunner:
         self._retry = retry
         self._on_fatal = on_fatal
         self._models = {model_token(m): m for m in backend.models}
+        self._results = ResultWriter(nc)
 
     async def run(self, msg: Msg) -> Outcome:
         """Run one delivery to its outcome; never raises for a task's content."""
@@ -247,13 +248,13 @@ class TaskRunner:
         """Store the result, answer `reply_to`, ack; return whether this result was stored."""
         data = encode(result)
         try:
-            stored = await write_result_once(self._js, result, data)
+            stored = await self._results.write_once(result, data)
         except nats.errors.MaxPayloadError:
             # LIMITATION: outputs over the server's max_payload are not chunked into an object store.
             error = ErrorInfo(type="output_too_large", message=f"output of {len(data)} bytes exceeds max_payload")
             result = msgspec.structs.replace(result, status="error", output="", error=error)
             data = encode(result)
-            stored = await write_result_once(self._js, result, data)
+            stored = await self._results.write_once(result, data)
         if reply_to and stored:
             await self._nc.publish(reply_to, data)
         await msg.ack()
