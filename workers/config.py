@@ -57,7 +57,11 @@ def worker_settings_from(
         worker_id=args.worker_id,
         serve_any=not args.no_any and env_bool(env, "D8_SERVE_ANY", True),
         grace_s=grace_s,
-        retry=RetryPolicy(max_deliver=topology.max_deliver),
+        retry=RetryPolicy(
+            max_deliver=topology.max_deliver,
+            base_delay_s=env_float(env, "D8_RETRY_BASE_S", RetryPolicy().base_delay_s),
+            max_delay_s=env_float(env, "D8_RETRY_MAX_S", RetryPolicy().max_delay_s, minimum=0.1),
+        ),
         topology=topology,
         connection=ConnectionSettings.from_env(env, name=f"d8-worker-{args.backend}"),
     )
