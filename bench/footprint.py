@@ -33,6 +33,8 @@ SDK_MODULES = ("ollama", "groq", "google.genai", "openai", "httpx")
 _IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)$")
 # The echo worker's slots (its default concurrency), all held while the backlog waits.
 _ECHO_SLOTS = 64
+# Longer than any run: the sleepers never finish, they are handed back at shutdown.
+_HOLD_S = 600.0
 
 
 async def _until(check: Any, timeout_s: float, what: str) -> None:
@@ -105,8 +107,13 @@ async def idle_memory() -> dict[str, Any]:
             return out
 
 
-async def backlog_memory(backlog: int, hold_s: float = 4.0) -> dict[str, Any]:
-    """RSS of a busy echo worker, `d8 orchestrator` and the server while `backlog` tasks wait."""
+async def backlog_memory(backlog: int, sample_s: float = 2.0) -> dict[str, Any]:
+    """RSS of a busy echo worker, `d8 orchestrator` and the server while `backlog` tasks wait.
+
+    Tasks that sleep far longer than the run hold every slot of the worker's queue; the
+    backlog is published behind them and RSS sampled for `sample_s`. Stopping the worker
+    (grace 1 s) hands the sleepers back; the server is discarded with its store.
+    """
     with fresh_server() as server:
         async with _orchestrator(server.url) as orch:
             env = {"NATS_URL": server.url, "D8_HEARTBEAT_S": "1"}
@@ -139,7 +146,7 @@ async def backlog_memory(backlog: int, hold_s: float = 4.0) -> dict[str, Any]:
                     "server": rss_mb(server.pid or 0),
                 }
                 blockers = [
-                    Task(id=f"block-{i}", prompt="hold", metadata={"echo": {"sleep_s": hold_s}})
+                    Task(id=f"block-{i}", prompt="hold", metadata={"echo": {"sleep_s": _HOLD_S}})
                     for i in range(_ECHO_SLOTS)
                 ]
                 started = time.monotonic()
@@ -148,12 +155,14 @@ async def backlog_memory(backlog: int, hold_s: float = 4.0) -> dict[str, Any]:
                 for at in range(0, backlog, 5000):
                     await orch.submit_many(tasks[at : at + 5000])
                 del tasks
-                waiting = (await orch.js.stream_info(TASKS_STREAM)).state.messages
+                published_s = time.monotonic() - started
                 peak_worker = peak_orch = 0.0
-                while time.monotonic() - started < hold_s - 0.3:
+                sampled_until = time.monotonic() + sample_s
+                while time.monotonic() < sampled_until:
                     peak_worker = max(peak_worker, rss_mb(worker.pid) or 0.0)
                     peak_orch = max(peak_orch, rss_mb(orchestrator.pid) or 0.0)
                     await asyncio.sleep(0.1)
+                waiting = (await orch.js.stream_info(TASKS_STREAM)).state.messages
                 out = {
                     "backlog": backlog,
                     "waiting_in_stream": waiting,
@@ -163,7 +172,7 @@ async def backlog_memory(backlog: int, hold_s: float = 4.0) -> dict[str, Any]:
                         "orchestrator": peak_orch,
                         "server": rss_mb(server.pid or 0),
                     },
-                    "publish_seconds": round(time.monotonic() - started, 2),
+                    "publish_seconds": round(published_s, 2),
                 }
             finally:
                 worker.stop()

@@ -30,7 +30,7 @@ class Sizes:
     log_n: int = 5_000
     llm_calls: int = 60
     backlog: int = 100_000
-    backlog_hold_s: float = 4.0
+    backlog_sample_s: float = 2.0
     scale_n: int = 10_000
     scale_workers: tuple[int, ...] = (1, 2, 4, 20)
 
@@ -45,7 +45,7 @@ class Sizes:
             log_n=200,
             llm_calls=3,
             backlog=1_000,
-            backlog_hold_s=1.0,
+            backlog_sample_s=0.5,
             scale_n=200,
             scale_workers=(1, 2),
         )
@@ -144,7 +144,7 @@ async def llm_overhead(sizes: Sizes) -> dict[str, Any]:
 
 async def memory(sizes: Sizes) -> dict[str, Any]:
     out = await footprint.idle_memory()
-    out["backlog"] = await footprint.backlog_memory(sizes.backlog, sizes.backlog_hold_s)
+    out["backlog"] = await footprint.backlog_memory(sizes.backlog, sizes.backlog_sample_s)
     return out
 
 
