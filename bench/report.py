@@ -127,10 +127,31 @@ def table(results: dict[str, Any]) -> str:
             f"{k} -> {_fmt(v['tasks_per_s'])}" for k, v in scale.items() if isinstance(v, dict)
         )
         lines.append(f"- Worker processes -> mesh tasks/s: {shown}")
+    lines.extend(_profile_lines(results.get("profile", {})))
     for name, section in results.items():
         if isinstance(section, dict) and "error" in section:
             lines.append(f"- Section {name} failed: {section['error']}")
     return "\n".join(lines)
+
+
+def _profile_lines(profile: dict[str, Any], top: int = 14) -> list[str]:
+    if "worker" not in profile:
+        return [f"- Profile: {profile['skipped']}"] if "skipped" in profile else []
+    lines = [
+        "",
+        f"Profile of one mesh throughput run ({profile['n']:,} tasks, py-spy, share of samples "
+        "including callees; the run is slower while sampled):",
+        "",
+        "| echo worker | % | producer (orchestrator) | % |",
+        "| --- | ---: | --- | ---: |",
+    ]
+    worker = list(profile["worker"]["inclusive_pct"].items())[:top]
+    producer = list(profile["producer"]["inclusive_pct"].items())[:top]
+    for index in range(max(len(worker), len(producer))):
+        w = worker[index] if index < len(worker) else ("", "")
+        p = producer[index] if index < len(producer) else ("", "")
+        lines.append(f"| `{w[0]}` | {w[1]} | `{p[0]}` | {p[1]} |")
+    return lines
 
 
 def _memory_lines(memory: dict[str, Any]) -> list[str]:

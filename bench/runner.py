@@ -11,7 +11,7 @@ from bench.common import Timeline, cpu_seconds, fresh_server, rss_mb, server_cou
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["System", "measure"]
+__all__ = ["System", "measure", "wait_count"]
 
 WARMUP = 500
 
@@ -28,7 +28,7 @@ class System(Protocol):
     async def drained(self) -> bool: ...
 
 
-async def _wait_count(timeline: Timeline, timeout_s: float) -> bool:
+async def wait_count(timeline: Timeline, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while timeline.count < timeline.n:
         if time.monotonic() > deadline:
@@ -49,7 +49,7 @@ async def measure(
         async with make(server.url) as system:
             warm = Timeline(warmup)
             await system.run(warm, 0, None)
-            if not await _wait_count(warm, 60):
+            if not await wait_count(warm, 60):
                 raise RuntimeError(f"{system.name}: warm-up finished {warm.count}/{warmup}")
             await asyncio.sleep(0.2)
             pids = system.worker_pids()
@@ -57,7 +57,7 @@ async def measure(
             counters0 = server_counters(server)
             timeline = Timeline(n)
             t0 = await system.run(timeline, warmup, rate)
-            finished = await _wait_count(timeline, 60 + n / 500)
+            finished = await wait_count(timeline, 60 + n / 500)
             cpu1 = (cpu_seconds(pids), cpu_seconds([server.pid or 0]), time.process_time())
             counters1 = server_counters(server)
             out: dict[str, Any] = {

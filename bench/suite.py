@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bench import footprint, llm, peers
+from bench import footprint, llm, peers, profile
+from bench.common import ROOT
 from bench.meshrun import MeshSystem
 from bench.raw import RawSystem
 from bench.runner import measure
@@ -33,6 +34,7 @@ class Sizes:
     backlog_sample_s: float = 2.0
     scale_n: int = 10_000
     scale_workers: tuple[int, ...] = (1, 2, 4, 20)
+    profile_n: int = 10_000
 
     @classmethod
     def tiny(cls) -> Sizes:
@@ -48,6 +50,7 @@ class Sizes:
             backlog_sample_s=0.5,
             scale_n=200,
             scale_workers=(1, 2),
+            profile_n=300,
         )
 
 
@@ -156,6 +159,10 @@ async def peer_systems(sizes: Sizes) -> dict[str, Any]:
     return await peers.run_peers(sizes)
 
 
+async def profile_mesh(sizes: Sizes) -> dict[str, Any]:
+    return await profile.profile_mesh(sizes.profile_n, ROOT / "bench" / "results")
+
+
 SECTIONS: dict[str, Callable[[Sizes], Awaitable[dict[str, Any]]]] = {
     "throughput": throughput,
     "latency": latency,
@@ -164,6 +171,7 @@ SECTIONS: dict[str, Callable[[Sizes], Awaitable[dict[str, Any]]]] = {
     "memory": memory,
     "startup": startup,
     "scale": scale,
+    "profile": profile_mesh,
     "peers": peer_systems,
 }
 
