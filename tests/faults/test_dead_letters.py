@@ -6,11 +6,11 @@ import functools
 import signal
 from typing import TYPE_CHECKING
 
-from mesh.contract import Task
-from mesh.results import DeadLetter
-from mesh.topology import DEAD_STREAM
+from mesh.contract import Result, Task, encode
+from mesh.results import DeadLetter, get_result, write_result_once
+from mesh.topology import DEAD_STREAM, TASKS_STREAM
 from orchestrator.dead_letters import MAX_DELIVERIES_TYPE
-from tests.faults.helpers import consumer_info, fault_topology, start_worker
+from tests.faults.helpers import CONSUMER, consumer_info, fault_topology, start_worker
 from tests.faults.ledger import read_ledger
 from tests.helpers import orchestrator_for, poll_until
 
@@ -75,3 +75,29 @@ async def test_a_task_that_crashes_every_worker_becomes_a_dead_letter(
     assert "task_id=poison" not in survivor.log()
     ledger.check(dead_letters=1)
     assert (ledger.statuses["dead"], ledger.statuses["ok"]) == (1, 1)
+
+
+async def test_the_dead_letter_handler_spares_finished_tasks_and_keeps_nameless_ones(
+    nats_url: str,
+) -> None:
+    async with orchestrator_for(nats_url) as orch:
+        assert orch.dead_letters is not None
+        js = orch.js
+        finished = await js.publish("tasks.chat.any", encode(Task(id="finished", prompt="x")))
+        await write_result_once(js, Result(id="finished", status="ok", output="done"))
+        nameless = await js.publish("tasks.chat.any", b"\x00 not a task")
+
+        spared = await orch.dead_letters.handle(finished.seq, 5, CONSUMER)
+        kept = await orch.dead_letters.handle(nameless.seq, 5, CONSUMER)
+        again = await orch.dead_letters.handle(nameless.seq, 5, CONSUMER)
+        letter = await js.get_msg(DEAD_STREAM, 1)
+        tasks_left = (await js.stream_info(TASKS_STREAM)).state.messages
+        dead_letters = (await js.stream_info(DEAD_STREAM)).state.messages
+        stored = await get_result(js, "finished")
+
+    # A task whose result exists (its ack was lost) is removed, not mourned.
+    assert (spared, kept, again) == (False, True, False)
+    assert stored is not None and stored.status == "ok"
+    assert (tasks_left, dead_letters) == (0, 1)
+    assert letter.data == b"\x00 not a task"
+    assert letter.headers is not None and DeadLetter.TASK_ID not in letter.headers
