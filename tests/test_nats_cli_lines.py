@@ -20,7 +20,7 @@ from tests.helpers import ROOT, orchestrator_for, poll_until, running_worker, wo
 
 pytestmark = pytest.mark.anyio
 
-DOCUMENTS = ["README.md", "docs/protocol.md"]
+DOCUMENTS = ["README.md", "docs/protocol.md", "docs/reliability.md"]
 
 #: CLI pattern -> the API call it makes (checked in test_documented_commands_work).
 KNOWN = {
