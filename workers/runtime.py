@@ -255,11 +255,22 @@ class Worker:
             del self._in_flight[id(msg)]
             if self._held and not self._stopping:
                 self._start(self._held.pop(0))
-            self._changed.set()
+            if self._stopping or self._feed_would_pull():
+                self._changed.set()
 
     def _free_slots(self) -> int:
         credit = sum(p.credit for p in self._pullers)
         return self.concurrency - len(self._in_flight) - len(self._held) - credit
+
+    def _feed_would_pull(self) -> bool:
+        """Whether `_feed` would ask for more now: it tops a consumer up in steps of half its
+        share, or at once when it has no credit left; waking it after every task cost more
+        than the tasks it then did not ask for."""
+        free = self._free_slots()
+        if free <= 0:
+            return False
+        step = max(1, math.ceil(self.concurrency / len(self._pullers)) // 2)
+        return free >= step or any(p.credit == 0 for p in self._pullers)
 
     async def _feed(self) -> None:
         """Keep pull requests outstanding for every free slot, busiest consumer first."""
