@@ -25,8 +25,8 @@ async def _ack_pending(orch: Orchestrator, count: int) -> bool:
 async def test_a_long_task_is_not_redelivered_while_its_worker_lives(
     nats_url: str, tmp_path: Path
 ) -> None:
-    # Each task runs 6 ack waits; only the worker's in-progress acks keep it from a rival.
-    topology = fault_topology(ack_wait_s=1.0)
+    # Each task runs 4 ack waits; only the worker's in-progress acks keep it from a rival.
+    topology = fault_topology(ack_wait_s=1.5)
     tasks = [
         Task(id=f"long-{i}", prompt="x", metadata={"echo": {"sleep_s": 6.0}}) for i in range(3)
     ]
