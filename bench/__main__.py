@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update(asyncio.run(run_suite(names, sizes, _say)))
     results["total_seconds"] = round(time.monotonic() - started, 1)
     path = report.write_json(results, args.out)
-    text = report.table(results)
+    text = report.table(results) + "\n\nTargets of issue #7:\n\n" + report.targets(results)
     print(text)
     _say(f"results: {path} ({results['total_seconds']} s in all)")
     if not args.no_plot:

@@ -13,7 +13,7 @@ from typing import Any
 
 from mesh.server import find_server_binary
 
-__all__ = ["machine", "plot", "table", "update_docs", "write_json"]
+__all__ = ["machine", "plot", "table", "targets", "update_docs", "write_json"]
 
 DOCS_START = "<!-- bench:results:start -->"
 DOCS_END = "<!-- bench:results:end -->"
@@ -83,6 +83,84 @@ def _versus_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    tp, lat, llm = results.get("throughput", {}), results.get("latency", {}), results.get("llm", {})
+    memory, start, scale = (
+        results.get("memory", {}),
+        results.get("startup", {}),
+        results.get("scale", {}),
+    )
+    rows: list[tuple[str, str, bool | None]] = []
+    if tp.get("ratio_median") is not None:
+        rows.append(
+            ("throughput >= 0.5 x raw", f"{tp['ratio_median']:.2f} x", tp["ratio_median"] >= 0.5)
+        )
+    mesh_lat = lat.get("mesh", {})
+    if mesh_lat.get("p50_ms") is not None:
+        rows.append(
+            ("p50 <= 1.5 ms at 500/s", f"{mesh_lat['p50_ms']:.2f} ms", mesh_lat["p50_ms"] <= 1.5)
+        )
+        rows.append(
+            ("p99 <= 3 ms at 500/s", f"{mesh_lat['p99_ms']:.2f} ms", mesh_lat["p99_ms"] <= 3.0)
+        )
+    if "added_p50_ms" in llm:
+        rows.append(
+            (
+                "adds <= 2 ms p50 to a 50 ms LLM call",
+                f"{llm['added_p50_ms']:.2f} ms",
+                llm["added_p50_ms"] <= 2.0,
+            )
+        )
+    if "echo_worker_rss_mb" in memory:
+        sdk = memory["echo_worker_imports"]["sdk_modules_loaded"]
+        rss = memory["echo_worker_rss_mb"]
+        rows.append(
+            (
+                "idle echo worker <= 45 MB, no SDK imported",
+                f"{rss} MB, SDKs: {', '.join(sdk) or 'none'}",
+                rss <= 45 and not sdk,
+            )
+        )
+    backlog = memory.get("backlog", {})
+    if "rss_while_waiting_mb" in backlog:
+        grew = backlog["rss_while_waiting_mb"]["worker"] - backlog["rss_before_mb"]["worker"]
+        rows.append(
+            (
+                f"worker memory flat, {backlog['waiting_in_stream']:,} waiting",
+                f"+{grew:.1f} MB",
+                grew < 5,
+            )
+        )
+    if "seconds_to_first_result" in start:
+        rows.append(
+            (
+                "`d8 up` to first result <= 2 s",
+                f"{start['seconds_to_first_result']:.2f} s",
+                start["seconds_to_first_result"] <= 2,
+            )
+        )
+    counts = sorted((k for k, v in scale.items() if isinstance(v, dict)), key=int)
+    if counts:
+        best = max(scale[k]["tasks_per_s"] or 0 for k in counts)
+        last = scale[counts[-1]]["tasks_per_s"] or 0
+        rows.append(
+            (
+                f"{counts[-1]} workers share a capability, no collapse",
+                f"{last / best:.0%} of the best count",
+                last >= 0.5 * best,
+            )
+        )
+    return rows
+
+
+def targets(results: dict[str, Any]) -> str:
+    """The issue's targets against this run, as a markdown table."""
+    lines = ["| target | this run | met |", "| --- | ---: | :---: |"]
+    for name, value, met in _target_rows(results):
+        lines.append(f"| {name} | {value} | {'yes' if met else 'no'} |")
+    return "\n".join(lines)
+
+
 def table(results: dict[str, Any]) -> str:
     """The results as markdown: the head-to-head table, then one line per other figure."""
     lines = [
@@ -124,7 +202,8 @@ def table(results: dict[str, Any]) -> str:
     scale = results.get("scale", {})
     if scale and "error" not in scale:
         shown = ", ".join(
-            f"{k} -> {_fmt(v['tasks_per_s'])}" for k, v in scale.items() if isinstance(v, dict)
+            f"{k} -> {_fmt(scale[k]['tasks_per_s'])}"
+            for k in sorted((k for k, v in scale.items() if isinstance(v, dict)), key=int)
         )
         lines.append(f"- Worker processes -> mesh tasks/s: {shown}")
     lines.extend(_profile_lines(results.get("profile", {})))
@@ -208,7 +287,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     )
     axes[1].set_ylabel("ms, enqueue to result observed")
     axes[1].legend()
-    counts = [k for k, v in scale.items() if isinstance(v, dict)]
+    counts = sorted((k for k, v in scale.items() if isinstance(v, dict)), key=int)
     axes[2].plot(counts, [scale[k]["tasks_per_s"] or 0 for k in counts], marker="o")
     axes[2].set_title("d8-mesh throughput by worker processes")
     axes[2].set_xlabel("worker processes")
