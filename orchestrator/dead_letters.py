@@ -83,10 +83,44 @@ class DeadLetterHandler:
         self.handled = 0
 
     async def start(self) -> None:
-        """Subscribe to the advisories (one member of the queue group gets each)."""
+        """Subscribe to the advisories (one member of the queue group gets each), then sweep."""
         self._sub = await self._nc.subscribe(
             max_deliveries_advisory_subject(), queue=_QUEUE_GROUP, cb=self._on_advisory
         )
+        await self.sweep()
+
+    async def sweep(self) -> int:
+        """Dead-letter tasks whose advisory nobody heard (no orchestrator was running).
+
+        Such a task stays in `TASKS` below the consumer's delivered sequence, undelivered
+        for good. While no task is on lease or waiting for redelivery (`num_ack_pending`
+        0), every task left there is one, since an acked or termed task leaves a work
+        queue. A consumer with tasks on lease is skipped: its own tasks are alike there.
+
+        LIMITATION: a task whose advisory was missed waits for a start of the orchestrator
+        at a moment when its consumer has nothing on lease.
+        """
+        swept = 0
+        for consumer in await self._js.consumers_info(TASKS_STREAM):
+            config = consumer.config
+            if consumer.num_ack_pending or not config.filter_subject or consumer.delivered is None:
+                continue
+            seq = (consumer.ack_floor.stream_seq if consumer.ack_floor else 0) + 1
+            while seq <= (consumer.delivered.stream_seq or 0):
+                try:
+                    stuck = await self._js.get_msg(
+                        TASKS_STREAM, seq, subject=config.filter_subject, next=True
+                    )
+                except NotFoundError:
+                    break
+                if stuck.seq is None or stuck.seq > (consumer.delivered.stream_seq or 0):
+                    break
+                if await self.handle(stuck.seq, config.max_deliver or 0, consumer.name):
+                    swept += 1
+                seq = stuck.seq + 1
+        if swept:
+            logger.warning("swept tasks whose max-deliveries advisory was missed count=%d", swept)
+        return swept
 
     async def stop(self) -> None:
         if self._sub is not None:

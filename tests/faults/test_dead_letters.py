@@ -6,9 +6,12 @@ import functools
 import signal
 from typing import TYPE_CHECKING
 
+import nats.errors
+import pytest
+
 from mesh.contract import Result, Task, encode
 from mesh.results import DeadLetter, get_result, write_result_once
-from mesh.topology import DEAD_STREAM, TASKS_STREAM
+from mesh.topology import DEAD_STREAM, TASKS_STREAM, max_deliveries_advisory_subject
 from orchestrator.dead_letters import MAX_DELIVERIES_TYPE
 from tests.faults.helpers import CONSUMER, consumer_info, fault_topology, start_worker
 from tests.faults.ledger import read_ledger
@@ -101,3 +104,34 @@ async def test_the_dead_letter_handler_spares_finished_tasks_and_keeps_nameless_
     assert (tasks_left, dead_letters) == (0, 1)
     assert letter.data == b"\x00 not a task"
     assert letter.headers is not None and DeadLetter.TASK_ID not in letter.headers
+
+
+async def test_a_missed_advisory_is_made_up_for_when_the_orchestrator_starts(
+    nats_url: str,
+) -> None:
+    topology = fault_topology(ack_wait_s=1.0, max_deliver=2)
+    async with orchestrator_for(nats_url, topology=topology) as orch:
+        assert orch.dead_letters is not None
+        await orch.dead_letters.stop()  # the orchestrator is down from here on
+        heard = await orch.nc.subscribe(max_deliveries_advisory_subject())
+        await orch.submit(Task(id="orphan", prompt="x"))
+        # A client that takes the task twice and dies each time, then asks once more:
+        # JetStream gives up and sends the advisory, which nobody handles.
+        puller = await orch.js.pull_subscribe_bind(CONSUMER, stream=TASKS_STREAM)
+        for attempt in (1, 2):  # the second comes once the first lease ran out
+            taken = await puller.fetch(1, timeout=5)  # never acked
+            assert taken[0].metadata.num_delivered == attempt
+        with pytest.raises(nats.errors.TimeoutError):
+            await puller.fetch(1, timeout=2)
+        await heard.next_msg(timeout=5)
+        await heard.unsubscribe()
+        await puller.unsubscribe()
+        missed = await orch.result("orphan")
+
+        await orch.dead_letters.start()  # as at the orchestrator's next start
+        result = await orch.result("orphan")
+        tasks_left = (await orch.js.stream_info(TASKS_STREAM)).state.messages
+
+    assert missed is None
+    assert result is not None and (result.status, result.attempt) == ("dead", 2)
+    assert tasks_left == 0
