@@ -187,6 +187,11 @@ class Orchestrator:
         await self._task_group_cm.__aexit__(None, None, None)
         with anyio.move_on_after(5, shield=True):
             await self.nc.drain()
+        if not self.nc.is_closed:
+            # The drain did not end in time (a caller's subscription kept it busy); without
+            # a close the socket and the client's tasks would outlive the orchestrator.
+            with anyio.move_on_after(2, shield=True):
+                await self.nc.close()
 
     async def _declare(self, capability: Capability) -> None:
         if capability in self._declared or not self.settings.declare:
