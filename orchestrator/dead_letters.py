@@ -87,7 +87,12 @@ class DeadLetterHandler:
         self._sub = await self._nc.subscribe(
             max_deliveries_advisory_subject(), queue=_QUEUE_GROUP, cb=self._on_advisory
         )
-        await self.sweep()
+        try:
+            await self.sweep()
+        except Exception:
+            # Best effort: new advisories are handled all the same, and the next start
+            # sweeps again; a hiccup here must not keep the orchestrator from starting.
+            logger.exception("sweep of missed max-deliveries advisories failed")
 
     async def sweep(self) -> int:
         """Dead-letter tasks whose advisory nobody heard (no orchestrator was running).
