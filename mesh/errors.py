@@ -17,6 +17,8 @@ __all__ = [
     "RateLimitedError",
     "RetryableError",
     "SubmitError",
+    "TaskRejectedError",
+    "TaskTooLargeError",
     "TransientError",
     "WorkerFatalError",
 ]
@@ -39,6 +41,18 @@ class SubmitError(MeshError):
     """A task could not be submitted; the message says why and what to change."""
 
     type_name = "submit_error"
+
+
+class TaskRejectedError(SubmitError, ValueError):
+    """A task refused before it was sent: no worker could run it as it is."""
+
+    type_name = "invalid_task"
+
+
+class TaskTooLargeError(TaskRejectedError):
+    """A task bigger than the server's max_payload."""
+
+    type_name = "task_too_large"
 
 
 class RetryableError(MeshError):

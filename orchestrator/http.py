@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mesh.contract import Task
-from mesh.errors import SubmitError
+from mesh.errors import SubmitError, TaskRejectedError, TaskTooLargeError
 from orchestrator.dashboard import operator_routes
 
 if TYPE_CHECKING:
@@ -46,6 +46,15 @@ def _wait_s(request: Request) -> float:
         return 0.0
 
 
+def _status(exc: SubmitError) -> int:
+    """413 for a task too large, 400 for one no worker could run, 503 when NATS failed us."""
+    if isinstance(exc, TaskTooLargeError):
+        return 413
+    if isinstance(exc, TaskRejectedError):
+        return 400
+    return 503
+
+
 def create_app(orchestrator: Orchestrator) -> Starlette:
     """The Starlette app serving `orchestrator`."""
 
@@ -62,7 +71,7 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
             else:
                 submitted, results = await orchestrator.submit_many(tasks), {}
         except SubmitError as exc:
-            return _json({"error": {"type": exc.type_name, "message": str(exc)}}, 503)
+            return _json({"error": {"type": exc.type_name, "message": str(exc)}}, _status(exc))
         body = {
             "submitted": [
                 {"id": s.task_id, "subject": s.subject, "duplicate": s.duplicate} for s in submitted

@@ -55,6 +55,10 @@ async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
             assert bad.status_code == 400
             assert "Expected `str` matching regex" in bad.json()["error"]["message"]
 
+            huge = await http.post("/tasks", json={"id": "h-5", "prompt": "x" * 2_000_000})
+            assert huge.status_code == 413
+            assert "over the server's max_payload" in huge.json()["error"]["message"]
+
             missing = await http.get("/results/nope")
             assert (missing.status_code, missing.json()["status"]) == (404, "pending")
 
