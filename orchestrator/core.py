@@ -31,7 +31,7 @@ from mesh.contract import (
     decode_task,
     encode,
 )
-from mesh.errors import SubmitError
+from mesh.errors import SubmitError, TaskRejectedError, TaskTooLargeError
 from mesh.results import get_result
 from mesh.topology import (
     ANY_MODEL,
@@ -219,9 +219,9 @@ class Orchestrator:
         try:
             decode_task(data)
         except msgspec.ValidationError as exc:
-            raise SubmitError(f"task {task.id!r} breaks the task contract: {exc}") from None
+            raise TaskRejectedError(f"task {task.id!r} breaks the task contract: {exc}") from None
         if len(data) > self.nc.max_payload:
-            raise SubmitError(
+            raise TaskTooLargeError(
                 f"task {task.id} is {len(data)} bytes, over the server's max_payload of "
                 f"{self.nc.max_payload} bytes: shorten it, or pass large inputs by reference"
             )
