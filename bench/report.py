@@ -192,6 +192,12 @@ def table(results: dict[str, Any]) -> str:
             f"at p50 ({_fmt(llm['added_mean_ms'], 2)} ms mean); Ollama worker RSS "
             f"{_fmt(llm['ollama_worker_rss_mb'], 1)} MB"
         )
+        stages = llm.get("mesh_stages_p50_ms", {})
+        if stages:
+            shown = ", ".join(
+                f"{name.replace('_', ' ')} {value:.2f}" for name, value in stages.items()
+            )
+            lines.append(f"- Where the mesh's share of an LLM call goes (p50 ms): {shown}")
     lines.extend(_memory_lines(results.get("memory", {})))
     start = results.get("startup", {})
     if "seconds_to_first_result" in start:
