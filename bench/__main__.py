@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import sys
 import time
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.{md,png}")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="measure nothing: report a saved run's JSON"
+    )
     return parser
 
 
@@ -65,14 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         sizes = replace(sizes, reps=args.reps)
     if args.n:
         sizes = replace(sizes, throughput_n=args.n)
-    started = time.monotonic()
-    results = {"machine": report.machine(), "sizes": vars(sizes) | {"tiny": args.tiny}}
-    results.update(asyncio.run(run_suite(names, sizes, _say)))
-    results["total_seconds"] = round(time.monotonic() - started, 1)
-    path = report.write_json(results, args.out)
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        path = args.from_json
+    else:
+        started = time.monotonic()
+        results = {"machine": report.machine(), "sizes": vars(sizes) | {"tiny": args.tiny}}
+        results.update(asyncio.run(run_suite(names, sizes, _say)))
+        results["total_seconds"] = round(time.monotonic() - started, 1)
+        path = report.write_json(results, args.out)
     text = report.table(results) + "\n\nTargets of issue #7:\n\n" + report.targets(results)
     print(text)
-    _say(f"results: {path} ({results['total_seconds']} s in all)")
+    _say(f"results: {path} ({results.get('total_seconds')} s in all)")
     if not args.no_plot:
         png = report.plot(results, args.out / "benchmarks.png")
         _say(

@@ -295,7 +295,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     axes[1].legend()
     counts = sorted((k for k, v in scale.items() if isinstance(v, dict)), key=int)
     axes[2].plot(counts, [scale[k]["tasks_per_s"] or 0 for k in counts], marker="o")
-    axes[2].set_title("d8-mesh throughput by worker processes")
+    axes[2].set_title("d8-mesh tasks/s by worker processes")
     axes[2].set_xlabel("worker processes")
     axes[2].set_ylabel("tasks/s")
     axes[2].set_ylim(bottom=0)
