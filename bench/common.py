@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 from mesh.server import EmbeddedServer
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
 __all__ = [
     "ROOT",
@@ -137,18 +138,16 @@ def server_counters(server: EmbeddedServer) -> dict[str, int]:
     return counters
 
 
-class fresh_server:
+@contextmanager
+def fresh_server() -> Iterator[EmbeddedServer]:
     """A new embedded JetStream server on a free port with a temporary store."""
-
-    def __enter__(self) -> EmbeddedServer:
-        self._dir = tempfile.TemporaryDirectory(prefix="d8-bench-")
-        self.server = EmbeddedServer(Path(self._dir.name) / "store")
-        self.server.start()
-        return self.server
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.stop()
-        self._dir.cleanup()
+    with tempfile.TemporaryDirectory(prefix="d8-bench-") as store:
+        server = EmbeddedServer(Path(store) / "store")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 class Child:
