@@ -142,12 +142,8 @@ def server_counters(server: EmbeddedServer) -> dict[str, int]:
 def fresh_server() -> Iterator[EmbeddedServer]:
     """A new embedded JetStream server on a free port with a temporary store."""
     with tempfile.TemporaryDirectory(prefix="d8-bench-") as store:
-        server = EmbeddedServer(Path(store) / "store")
-        server.start()
-        try:
+        with EmbeddedServer(Path(store) / "store") as server:
             yield server
-        finally:
-            server.stop()
 
 
 class Child:
