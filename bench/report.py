@@ -212,6 +212,14 @@ def table(results: dict[str, Any]) -> str:
             for k in sorted((k for k, v in scale.items() if isinstance(v, dict)), key=int)
         )
         lines.append(f"- Worker processes -> mesh tasks/s: {shown}")
+    deep = results.get("depth", {})
+    if "256" in deep:
+        lines.append(
+            "- One echo worker at concurrency 64 (default) -> 256: "
+            f"{_fmt(deep['default']['tasks_per_s'])} -> {_fmt(deep['256']['tasks_per_s'])} "
+            "tasks/s, "
+            f"CPU us/task {_cpu(deep['default'])} -> {_cpu(deep['256'])}"
+        )
     lines.extend(_profile_lines(results.get("profile", {})))
     for name, section in results.items():
         if isinstance(section, dict) and "error" in section:

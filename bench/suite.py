@@ -141,6 +141,32 @@ async def scale(sizes: Sizes) -> dict[str, Any]:
     return out
 
 
+async def depth(sizes: Sizes) -> dict[str, Any]:
+    """One echo worker at its default concurrency and at 256, alternated: how much a deeper
+    pipeline (more tasks in flight per worker) moves throughput and CPU per task."""
+    runs: dict[str, list[dict[str, Any]]] = {"default": [], "256": []}
+    for _ in range(max(1, sizes.reps - 1)):
+        for name in runs:
+            concurrency = None if name == "default" else int(name)
+            runs[name].append(
+                await measure(
+                    lambda url, c=concurrency: MeshSystem(url, concurrency=c),
+                    sizes.scale_n,
+                    warmup=sizes.warmup,
+                )
+            )
+    return {
+        name: {
+            "tasks_per_s": _median(rs, "tasks_per_s"),
+            "cpu_us_per_task": {
+                role: _median([r["cpu_us_per_task"] for r in rs], role)
+                for role in ("worker", "server", "producer")
+            },
+        }
+        for name, rs in runs.items()
+    }
+
+
 async def llm_overhead(sizes: Sizes) -> dict[str, Any]:
     return await llm.llm_overhead(sizes.llm_calls)
 
@@ -171,6 +197,7 @@ SECTIONS: dict[str, Callable[[Sizes], Awaitable[dict[str, Any]]]] = {
     "memory": memory,
     "startup": startup,
     "scale": scale,
+    "depth": depth,
     "profile": profile_mesh,
     "peers": peer_systems,
 }
