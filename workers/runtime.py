@@ -264,31 +264,47 @@ class Worker:
 
     def _feed_would_pull(self) -> bool:
         """Whether `_feed` would ask for more now: it tops a consumer up in steps of half its
-        share, or at once when it has no credit left; waking it after every task cost more
+        limit, or at once when it has no credit left; waking it after every task cost more
         than the tasks it then did not ask for."""
         free = self._free_slots()
         if free <= 0:
             return False
-        step = max(1, math.ceil(self.concurrency / len(self._pullers)) // 2)
-        return free >= step or any(p.credit == 0 for p in self._pullers)
+        return any(
+            p.credit == 0 or min(limit - p.credit, free) >= max(1, limit // 2)
+            for p, limit in self._credit_limits()
+        )
+
+    def _credit_limits(self) -> list[tuple[Puller, int]]:
+        """Which consumers to ask, in order, and how much credit each may hold.
+
+        A consumer whose last request came back empty keeps only a probe of one slot
+        outstanding, so a new task there is still seen at once, and the consumers that have
+        work share the rest. With fewer slots than consumers they take turns, the one that
+        came back empty longest ago first.
+        """
+        pullers = self._pullers
+        if self.concurrency < len(pullers):
+            return [(p, 1) for p in sorted(pullers, key=lambda p: p.idle_since)]
+        idle = [p for p in pullers if p.idle_since]
+        busy = [p for p in pullers if not p.idle_since]
+        share = math.ceil((self.concurrency - len(idle)) / len(busy)) if busy else 1
+        return [(p, 1) for p in idle] + [(p, share) for p in busy]
 
     async def _feed(self) -> None:
-        """Keep pull requests outstanding for every free slot, busiest consumer first."""
+        """Keep pull requests outstanding for every free slot."""
         starved = self.concurrency < len(self._pullers)
         expires_s = ROTATE_EXPIRES_S if starved else PULL_EXPIRES_S
-        cap = math.ceil(self.concurrency / len(self._pullers))
         while not self._stopping:
             self._changed = anyio.Event()
             now = time.monotonic()
             for puller in self._pullers:
                 puller.reclaim_lost_credit(now)
             free = self._free_slots()
-            # A consumer that just came back empty goes to the back of the line.
-            for puller in sorted(self._pullers, key=lambda p: p.idle_since):
+            for puller, limit in self._credit_limits():
                 if free <= 0:
                     break
-                want = min(cap - puller.credit, free)
-                if want >= 1 and (puller.credit == 0 or want >= max(1, cap // 2)):
+                want = min(limit - puller.credit, free)
+                if want >= 1 and (puller.credit == 0 or want >= max(1, limit // 2)):
                     await puller.request(want, expires_s)
                     free -= want
             with anyio.move_on_after(expires_s):
