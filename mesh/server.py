@@ -78,7 +78,7 @@ class EmbeddedServer:
         self.url = ""
         self.monitor_url = ""
         self._process: subprocess.Popen[bytes] | None = None
-        self._ports_dir = tempfile.mkdtemp(prefix="d8-ports-")
+        self._ports_dir = ""
 
     @property
     def pid(self) -> int | None:
@@ -97,6 +97,14 @@ class EmbeddedServer:
     def start(self) -> str:
         """Start the server and wait until it listens; return its client URL."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        # The ports file is read once, here; the folder goes as soon as it has been read.
+        self._ports_dir = tempfile.mkdtemp(prefix="d8-ports-")
+        try:
+            return self._start()
+        finally:
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+
+    def _start(self) -> str:
         self._process = subprocess.Popen(
             self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -172,4 +180,3 @@ class EmbeddedServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-        shutil.rmtree(self._ports_dir, ignore_errors=True)

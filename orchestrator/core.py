@@ -58,8 +58,6 @@ __all__ = ["Orchestrator", "OrchestratorSettings", "Submitted"]
 
 logger = logging.getLogger(__name__)
 
-# nats-py keeps this many publish_async acks in flight; more waits for room.
-_PUBLISH_WINDOW = 512
 # nats-py's `publish_async_max_pending` default, and how long a full window may stall.
 _ASYNC_MAX_PENDING = 4000
 _STALL_S = 30.0

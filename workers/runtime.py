@@ -242,7 +242,11 @@ class Worker:
         except Exception:
             # Only NATS trouble gets here (the runner turns task trouble into outcomes); the
             # task is redelivered after ack_wait.
-            logger.exception("task settle failed worker_id=%s", self.worker_id)
+            metadata = msg.metadata
+            logger.exception(
+                "task settle failed worker_id=%s subject=%s stream_seq=%d attempt=%d",
+                self.worker_id, msg.subject, metadata.sequence.stream, metadata.num_delivered,
+            )
             self.failed += 1
         else:
             if outcome.status == "ok":
