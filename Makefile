@@ -27,8 +27,9 @@ test: $(STAMP) $(NODE_DEPS)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mesh workers orchestrator tests
-	$(VENV)/bin/ruff format --check mesh workers orchestrator tests
+	$(VENV)/bin/ruff check mesh workers orchestrator tests bench
+	$(VENV)/bin/ruff format --check mesh workers orchestrator tests bench
+	$(VENV)/bin/mypy
 
 check: lint test
 

@@ -36,7 +36,7 @@ async def _cmd_server(args: argparse.Namespace) -> int:
 
     server = EmbeddedServer(args.store_dir, host=args.host, port=args.port)
     await anyio.to_thread.run_sync(server.start)
-    print(f"nats-server listening on {server.url} (store {server.store_dir}); Ctrl-C stops it")  # noqa: T201
+    print(f"nats-server listening on {server.url} (store {server.store_dir}); Ctrl-C stops it")
     stop = anyio.Event()
     async with anyio.create_task_group() as group:
         group.start_soon(_until_signal, stop.set)
@@ -57,18 +57,17 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
         await worker.run()
         group.cancel_scope.cancel()
     if worker.fatal is not None:
-        print(f"d8 worker: stopped: {worker.fatal}", file=sys.stderr)  # noqa: T201
+        print(f"d8 worker: stopped: {worker.fatal}", file=sys.stderr)
         return 3
     return 0
 
 
 async def _cmd_orchestrator(args: argparse.Namespace) -> int:
     from mesh.connection import ConnectionSettings
+    from mesh.settings import env_int
     from mesh.topology import Capability, declare_capability
     from orchestrator.core import Orchestrator
     from orchestrator.launch import orchestrator_settings, serve_http
-
-    from mesh.settings import env_int
 
     settings = orchestrator_settings(ConnectionSettings.from_env(name="d8-orchestrator"))
     if args.http_port is None:
@@ -99,7 +98,7 @@ async def _cmd_up(args: argparse.Namespace) -> int:
             async with anyio.create_task_group() as group:
                 group.start_soon(_until_signal, stop.set)
                 group.start_soon(serve_http, orchestrator, args.http_host, args.http_port, stop)
-                print(  # noqa: T201
+                print(
                     f"d8 mesh up: NATS {mesh.connection.servers[0]}, {args.workers} {mesh.backend} "
                     f"worker(s), HTTP http://{args.http_host}:{args.http_port}. Ctrl-C stops it."
                 )
@@ -111,7 +110,9 @@ async def _cmd_up(args: argparse.Namespace) -> int:
 async def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
-    return await run_demo(args.file, workers=args.workers, backend=args.backend, timeout_s=args.timeout_s)
+    return await run_demo(
+        args.file, workers=args.workers, backend=args.backend, timeout_s=args.timeout_s
+    )
 
 
 async def _cmd_submit(args: argparse.Namespace) -> int:
@@ -174,24 +175,46 @@ async def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ
-    parser.add_argument("--backend", default=env.get("D8_BACKEND", "echo"), help="echo, ollama, ...")
-    parser.add_argument("--model", action="append", default=None, help="a model to serve (repeatable); D8_MODELS")
-    parser.add_argument("--concurrency", type=int, default=None, help="tasks at once; D8_CONCURRENCY")
-    parser.add_argument("--worker-id", default=env.get("D8_WORKER_ID"), help="default host-backend-pid")
-    parser.add_argument("--no-any", action="store_true", help="do not take tasks from tasks.<kind>.any")
-    parser.add_argument("--base-url", default=None, help="the backend's endpoint (else its usual variable)")
-    parser.add_argument("--timeout-s", type=float, default=None, help="backend call timeout; D8_BACKEND_TIMEOUT_S")
-    parser.add_argument("--pull", action="store_true", help="ollama: pull a missing model at start-up")
+    parser.add_argument(
+        "--backend", default=env.get("D8_BACKEND", "echo"), help="echo, ollama, ..."
+    )
+    parser.add_argument(
+        "--model", action="append", default=None, help="a model to serve (repeatable); D8_MODELS"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="tasks at once; D8_CONCURRENCY"
+    )
+    parser.add_argument(
+        "--worker-id", default=env.get("D8_WORKER_ID"), help="default host-backend-pid"
+    )
+    parser.add_argument(
+        "--no-any", action="store_true", help="do not take tasks from tasks.<kind>.any"
+    )
+    parser.add_argument(
+        "--base-url", default=None, help="the backend's endpoint (else its usual variable)"
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, default=None, help="backend call timeout; D8_BACKEND_TIMEOUT_S"
+    )
+    parser.add_argument(
+        "--pull", action="store_true", help="ollama: pull a missing model at start-up"
+    )
     parser.add_argument(
         "--rpm", type=float, default=None, help="cloud: at most N calls a minute; D8_RPM"
     )
-    parser.add_argument("--grace-s", type=float, default=None, help="SIGTERM grace period; D8_GRACE_S")
+    parser.add_argument(
+        "--grace-s", type=float, default=None, help="SIGTERM grace period; D8_GRACE_S"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d8", description="d8-mesh: LLM tasks over a NATS JetStream mesh")
+    parser = argparse.ArgumentParser(
+        prog="d8", description="d8-mesh: LLM tasks over a NATS JetStream mesh"
+    )
     parser.add_argument("--log-level", default=os.environ.get("D8_LOG_LEVEL", "info"))
-    parser.add_argument("--log-json", action="store_true", default=os.environ.get("D8_LOG_JSON") == "1")
+    parser.add_argument(
+        "--log-json", action="store_true", default=os.environ.get("D8_LOG_JSON") == "1"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     server = commands.add_parser("server", help="run nats-server with JetStream")
@@ -206,10 +229,14 @@ def _parser() -> argparse.ArgumentParser:
 
     orchestrator = commands.add_parser("orchestrator", help="run the orchestrator and its HTTP API")
     orchestrator.add_argument("--http-host", default=os.environ.get("D8_HTTP_HOST", "127.0.0.1"))
-    orchestrator.add_argument("--http-port", type=int, default=None, help="default 7001 or D8_HTTP_PORT; 0: no HTTP")
+    orchestrator.add_argument(
+        "--http-port", type=int, default=None, help="default 7001 or D8_HTTP_PORT; 0: no HTTP"
+    )
     orchestrator.set_defaults(run=_cmd_orchestrator)
 
-    up = commands.add_parser("up", help="all in one: server (unless NATS_URL), orchestrator, workers")
+    up = commands.add_parser(
+        "up", help="all in one: server (unless NATS_URL), orchestrator, workers"
+    )
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--backend", default=None, help="default: ollama if it answers, else echo")
     up.add_argument("--model", default=None)
@@ -285,10 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         _configure_tracing(args.command)
         code = anyio.run(_unwrapped, run, args)
     except ConfigError as exc:
-        print(f"d8 {args.command}: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"d8 {args.command}: {exc}", file=sys.stderr)
         code = 2
     except MeshError as exc:
-        print(f"d8 {args.command}: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"d8 {args.command}: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -221,7 +221,7 @@ def json_schemas() -> dict[str, Any]:
 
 def main() -> None:
     """Print the generated schemas (`python -m mesh.contract > docs/schemas.json`)."""
-    print(json.dumps(json_schemas(), indent=2, sort_keys=True))  # noqa: T201
+    print(json.dumps(json_schemas(), indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ _SETUP_VARIABLES = (
 
 
 def _say(line: str) -> None:
-    print(line)  # noqa: T201
+    print(line)
 
 
 async def _cmd_health(args: argparse.Namespace) -> int:

@@ -50,7 +50,9 @@ async def write_result_once(
     """
     try:
         with tracing.span("d8 result write", result.id):
-            await js.publish(result_subject(result.id), data or encode(result), headers=_CREATE_ONLY)
+            await js.publish(
+                result_subject(result.id), data or encode(result), headers=_CREATE_ONLY
+            )
     except BadRequestError as exc:
         if exc.err_code == _WRONG_LAST_SEQUENCE:
             return False

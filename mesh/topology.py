@@ -295,9 +295,11 @@ async def declare_capability(
         except NotFoundError:
             pass
         else:
-            return info.config
+            config: ConsumerConfig = info.config
+            return config
     info = await _create(
         f"consumer {capability.consumer} on {TASKS_STREAM}",
         js.add_consumer(TASKS_STREAM, consumer_config(capability, settings)),
     )
-    return info.config
+    created: ConsumerConfig = info.config
+    return created

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import anyio
@@ -47,6 +46,7 @@ from orchestrator.routing import Router, RoutingSettings
 
 if TYPE_CHECKING:
     import asyncio
+    from types import TracebackType
 
     from nats.aio.client import Client as NATS
     from nats.aio.msg import Msg
@@ -154,9 +154,7 @@ class Orchestrator:
         return self._js
 
     async def __aenter__(self) -> Self:
-        self._nc = await connect(
-            self.settings.connection, reconnected_cb=self._on_reconnected
-        )
+        self._nc = await connect(self.settings.connection, reconnected_cb=self._on_reconnected)
         self._js = jetstream(self._nc, self.settings.connection)
         if self.settings.declare:
             await declare_topology(self._js, self.settings.topology, update=True)
@@ -180,7 +178,8 @@ class Orchestrator:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        assert self._tasks is not None and self._task_group_cm is not None
+        assert self._tasks is not None
+        assert self._task_group_cm is not None
         self._tasks.cancel_scope.cancel()
         await self._task_group_cm.__aexit__(None, None, None)
         with anyio.move_on_after(5, shield=True):
@@ -246,7 +245,9 @@ class Orchestrator:
                 logger.warning("submit retried task_id=%s error=%s", task.id, type(e).__name__)
                 await anyio.sleep(0.5)
             except APIError as exc:
-                raise SubmitError(f"task {task.id} refused by the server: {exc.description}") from exc
+                raise SubmitError(
+                    f"task {task.id} refused by the server: {exc.description}"
+                ) from exc
 
     async def submit_many(self, tasks: Iterable[Task]) -> list[Submitted]:
         """Publish many tasks with their acks pipelined; returns one `Submitted` per task."""
@@ -262,7 +263,9 @@ class Orchestrator:
             # to the loop, so each task left in its own write; wait with one only when full.
             stall = _STALL_S if self.js.publish_async_pending() >= _ASYNC_MAX_PENDING - 1 else None
             future = await self.js.publish_async(
-                subject, data, headers=tracing.submit_headers(task.id, subject),
+                subject,
+                data,
+                headers=tracing.submit_headers(task.id, subject),
                 wait_stall=stall,
             )
             pending.append((task, subject, future))
@@ -288,7 +291,9 @@ class Orchestrator:
             except NoStreamResponseError:
                 pass  # no stream leader for a moment (a failover): publish it again below
             except APIError as exc:
-                raise SubmitError(f"task {task.id} refused by the server: {exc.description}") from exc
+                raise SubmitError(
+                    f"task {task.id} refused by the server: {exc.description}"
+                ) from exc
         # The server restarted or failed over: the publish or its ack was lost on the way.
         logger.warning("no ack for a submitted task, publishing it again task_id=%s", task.id)
         return await self._publish(task, subject)
@@ -377,7 +382,9 @@ class Orchestrator:
 
     async def _on_reconnected(self) -> None:
         # Results published while we were away did not reach the subscription: look them up.
-        logger.warning("nats reconnected, checking results of waiting tasks count=%d", len(self._waiters))
+        logger.warning(
+            "nats reconnected, checking results of waiting tasks count=%d", len(self._waiters)
+        )
         for task_id in list(self._waiters):
             stored = await get_result(self.js, task_id)
             if stored is not None:
@@ -399,7 +406,9 @@ class Orchestrator:
         if operation in ("DEL", "PURGE") or not value:
             gone = self.workers.pop(worker_id, None)
             if gone is not None:
-                logger.warning("worker gone worker_id=%s reason=%s", worker_id, operation or "expired")
+                logger.warning(
+                    "worker gone worker_id=%s reason=%s", worker_id, operation or "expired"
+                )
         else:
             try:
                 heartbeat = decode_heartbeat(value)
@@ -407,7 +416,11 @@ class Orchestrator:
                 logger.warning("undecodable heartbeat worker_id=%s", worker_id)
                 return
             if worker_id not in self.workers:
-                logger.info("worker joined worker_id=%s capabilities=%s", worker_id, ",".join(heartbeat.capabilities))
+                logger.info(
+                    "worker joined worker_id=%s capabilities=%s",
+                    worker_id,
+                    ",".join(heartbeat.capabilities),
+                )
             self.workers[worker_id] = heartbeat
         self.workers_changed.set()
         self.workers_changed = anyio.Event()
@@ -415,4 +428,3 @@ class Orchestrator:
     def live_capabilities(self) -> set[str]:
         """Capabilities (`kind/token`) that at least one live worker serves."""
         return {c for hb in self.workers.values() for c in hb.capabilities}
-

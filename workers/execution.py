@@ -17,7 +17,17 @@ import anyio
 import msgspec
 import nats.errors
 
-from mesh.contract import ErrorInfo, Result, Task, Timings, Usage, decode_task, encode, is_valid_task_id
+from mesh.contract import (
+    ErrorInfo,
+    Result,
+    Status,
+    Task,
+    Timings,
+    Usage,
+    decode_task,
+    encode,
+    is_valid_task_id,
+)
 from mesh.errors import InvalidTaskError, RetryableError, WorkerFatalError
 from mesh.results import ResultWriter, get_result, publish_dead_letter, write_result_once
 from mesh.topology import ANY_MODEL, Capability, chunk_subject, model_token
@@ -48,8 +58,8 @@ class RetryPolicy:
         """The provider's hint when it gave one, else exponential backoff with jitter."""
         if hinted_s is not None and hinted_s >= 0:
             return min(float(hinted_s), self.max_delay_s * 10)
-        backoff = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
-        return backoff * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not security
+        backoff: float = min(self.max_delay_s, self.base_delay_s * 2.0 ** (attempt - 1))
+        return backoff * random.uniform(0.8, 1.2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +123,9 @@ class TaskRunner:
             task = decode_task(msg.data)
         except (msgspec.DecodeError, RecursionError) as exc:
             task_id = _recover_task_id(msg)
-            await self._reject(msg, task_id, f"invalid task: {exc}", "invalid_task", attempt, dead=False)
+            await self._reject(
+                msg, task_id, f"invalid task: {exc}", "invalid_task", attempt, dead=False
+            )
             return Outcome("error", task_id, attempt)
 
         if attempt > 1 and await get_result(self._js, task.id) is not None:
@@ -125,7 +137,12 @@ class TaskRunner:
         published_at = metadata.timestamp.timestamp()
         deadline = task_deadline(task, published_at)
         base = _Base(
-            task, attempt, published_at, received_at, self._worker_id, self._backend.name,
+            task,
+            attempt,
+            published_at,
+            received_at,
+            self._worker_id,
+            self._backend.name,
             str(Capability.from_subject(msg.subject)),
         )
         if deadline is not None and received_at >= deadline:
@@ -136,7 +153,9 @@ class TaskRunner:
             model = self._pick_model(task, msg.subject)
             generation, chunks = await self._generate(task, model, deadline)
         except InvalidTaskError as exc:
-            await self._reject(msg, task.id, str(exc), exc.type_name, attempt, dead=False, base=base)
+            await self._reject(
+                msg, task.id, str(exc), exc.type_name, attempt, dead=False, base=base
+            )
             return Outcome("error", task.id, attempt)
         except RetryableError as exc:
             return await self._retry_later(msg, base, exc)
@@ -147,10 +166,14 @@ class TaskRunner:
             return Outcome("returned", task.id, attempt)
         except Exception as exc:
             logger.exception("backend failed unexpectedly task_id=%s attempt=%d", task.id, attempt)
-            return await self._retry_later(msg, base, RetryableError(f"{type(exc).__name__}: {exc}"))
+            return await self._retry_later(
+                msg, base, RetryableError(f"{type(exc).__name__}: {exc}")
+            )
 
         if generation is None:
-            stored = await self._finish(msg, base.expired("deadline passed while running"), task.reply_to)
+            stored = await self._finish(
+                msg, base.expired("deadline passed while running"), task.reply_to
+            )
             return Outcome("expired" if stored else "late", task.id, attempt)
         stored = await self._finish(msg, base.ok(generation, chunks), task.reply_to)
         # Not stored: another attempt of this task (a redelivery after a lost lease) won.
@@ -169,7 +192,9 @@ class TaskRunner:
         model = self._models.get(wanted)
         if model is None:
             served = ", ".join(self._backend.models)
-            raise InvalidTaskError(f"model {task.model!r} is not served by this worker (it serves {served})")
+            raise InvalidTaskError(
+                f"model {task.model!r} is not served by this worker (it serves {served})"
+            )
         return model
 
     async def _generate(
@@ -198,13 +223,18 @@ class TaskRunner:
     async def _retry_later(self, msg: Msg, base: _Base, exc: RetryableError) -> Outcome:
         if base.attempt >= self._retry.max_deliver:
             reason = f"gave up after {base.attempt} attempts: {exc}"
-            await self._reject(msg, base.task.id, reason, exc.type_name, base.attempt, dead=True, base=base)
+            await self._reject(
+                msg, base.task.id, reason, exc.type_name, base.attempt, dead=True, base=base
+            )
             return Outcome("dead", base.task.id, base.attempt)
         delay_s = self._retry.delay_s(base.attempt, exc.delay_s)
         await msg.nak(delay=delay_s)
         logger.warning(
             "task will be retried task_id=%s attempt=%d delay_s=%.1f error=%s",
-            base.task.id, base.attempt, delay_s, exc,
+            base.task.id,
+            base.attempt,
+            delay_s,
+            exc,
         )
         return Outcome("retry", base.task.id, base.attempt)
 
@@ -233,16 +263,31 @@ class TaskRunner:
             worker_id=self._worker_id,
         )
         if task_id is not None:
-            status = "dead" if dead else "error"
+            status: Status = "dead" if dead else "error"
             error = ErrorInfo(type=error_type, message=reason)
-            result = base.failed(status, error) if base else Result(
-                id=task_id, status=status, error=error, worker_id=self._worker_id,
-                backend=self._backend.name, attempt=attempt, finished_at=time.time(),
-                capability=str(Capability.from_subject(msg.subject)),
+            result = (
+                base.failed(status, error)
+                if base
+                else Result(
+                    id=task_id,
+                    status=status,
+                    error=error,
+                    worker_id=self._worker_id,
+                    backend=self._backend.name,
+                    attempt=attempt,
+                    finished_at=time.time(),
+                    capability=str(Capability.from_subject(msg.subject)),
+                )
             )
             await write_result_once(self._js, result)
         await msg.term()
-        logger.warning("task rejected task_id=%s attempt=%d type=%s reason=%s", task_id, attempt, error_type, reason)
+        logger.warning(
+            "task rejected task_id=%s attempt=%d type=%s reason=%s",
+            task_id,
+            attempt,
+            error_type,
+            reason,
+        )
 
     async def _finish(self, msg: Msg, result: Result, reply_to: str | None) -> bool:
         """Store the result, answer `reply_to`, ack; return whether this result was stored."""
@@ -250,8 +295,11 @@ class TaskRunner:
         try:
             stored = await self._results.write_once(result, data)
         except nats.errors.MaxPayloadError:
-            # LIMITATION: outputs over the server's max_payload are not chunked into an object store.
-            error = ErrorInfo(type="output_too_large", message=f"output of {len(data)} bytes exceeds max_payload")
+            # LIMITATION: an output over the server's max_payload is not chunked into an
+            # object store; the task ends as an `output_too_large` error.
+            error = ErrorInfo(
+                type="output_too_large", message=f"output of {len(data)} bytes exceeds max_payload"
+            )
             result = msgspec.structs.replace(result, status="error", output="", error=error)
             data = encode(result)
             stored = await self._results.write_once(result, data)
@@ -301,7 +349,11 @@ class _Base:
 
     def ok(self, generation: Generation, chunks: int) -> Result:
         return self._result(
-            "ok", output=generation.text, usage=generation.usage, model=generation.model, chunks=chunks
+            "ok",
+            output=generation.text,
+            usage=generation.usage,
+            model=generation.model,
+            chunks=chunks,
         )
 
     def expired(self, why: str) -> Result:
@@ -309,4 +361,3 @@ class _Base:
 
     def failed(self, status: str, error: ErrorInfo) -> Result:
         return self._result(status, error=error, usage=Usage())
-

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from nats.aio.client import Client as NATS
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
@@ -55,8 +56,9 @@ class Puller:
         self._sub: Subscription | None = None
         self.credit = 0
         self._credit_until = 0.0
-        #: When the last request ended with nothing delivered (0: it did deliver).
-        self.idle_since = 0.0
+        #: When the last request ended with nothing delivered (0: it did deliver). A consumer
+        #: starts idle: it gets a probe until it shows it has work.
+        self.idle_since = time.monotonic()
         self.delivered = 0
 
     async def start(self) -> None:
@@ -83,7 +85,9 @@ class Puller:
     def reclaim_lost_credit(self, now: float) -> None:
         """Forget credit of requests that must have ended without telling us."""
         if self.credit and now > self._credit_until:
-            logger.warning("pull credit reclaimed consumer=%s credit=%d", self.consumer, self.credit)
+            logger.warning(
+                "pull credit reclaimed consumer=%s credit=%d", self.consumer, self.credit
+            )
             self.credit = 0
 
     def on_reconnect(self) -> None:
@@ -97,6 +101,10 @@ class Puller:
             self.delivered += 1
             self.idle_since = 0.0
             self._on_task(msg, self)
+            if self.credit == 0:
+                # A probe (or the last of a request) was used: ask for more at once, since
+                # this consumer has work.
+                self._on_change()
             return
         if status == "100":
             return
@@ -111,7 +119,12 @@ class Puller:
             self.idle_since = time.monotonic()
         if status not in ("404", "408"):
             description = msg.headers.get("Description", "") if msg.headers else ""
-            logger.warning("pull request ended consumer=%s status=%s reason=%s", self.consumer, status, description)
+            logger.warning(
+                "pull request ended consumer=%s status=%s reason=%s",
+                self.consumer,
+                status,
+                description,
+            )
         if status == "503":
             # No responders: the consumer has no leader for a moment (a cluster failover).
             # Asking again at once would spin; the feed loop asks on its next round.

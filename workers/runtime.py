@@ -19,7 +19,6 @@ import mesh
 from mesh import tracing
 from mesh.connection import ConnectionSettings, api_prefix, connect, jetstream
 from mesh.contract import Heartbeat, encode
-from mesh.errors import WorkerFatalError
 from mesh.results import delete_heartbeat
 from mesh.topology import (
     ANY_MODEL,
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
+    from mesh.errors import WorkerFatalError
     from workers.backends import Backend
 
 __all__ = ["Worker", "WorkerSettings", "default_worker_id", "rss_mb"]
@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]+")
 # Pull requests wait this long on the server; also bounds how long shutdown waits for them.
 PULL_EXPIRES_S = 5.0
-# With fewer slots than consumers, requests rotate between consumers this often.
+# Probes of idle consumers (and turns, with fewer slots than consumers) last this long: the
+# most a new task waits on an idle consumer, and the feed loop's own wake-up interval.
 ROTATE_EXPIRES_S = 1.0
 
 
@@ -139,15 +140,15 @@ class Worker:
     async def run(self) -> None:
         """Connect, declare, serve until stopped, then shut down in order."""
         async with self.backend:
-            self._nc = await connect(
-                self.settings.connection, reconnected_cb=self._on_reconnected
-            )
+            self._nc = await connect(self.settings.connection, reconnected_cb=self._on_reconnected)
             try:
                 await self._serve(self._nc)
             finally:
                 with anyio.move_on_after(5, shield=True):
                     await self._nc.drain()
-                logger.info("worker stopped worker_id=%s completed=%d", self.worker_id, self.completed)
+                logger.info(
+                    "worker stopped worker_id=%s completed=%d", self.worker_id, self.completed
+                )
 
     async def _serve(self, nc: NATS) -> None:
         js = self._js = jetstream(nc, self.settings.connection)
@@ -169,8 +170,12 @@ class Worker:
             )
         self._ack_wait_s = min(ack_waits)
         self._runner = TaskRunner(
-            nc=nc, js=js, backend=tracing.traced_backend(self.backend), worker_id=self.worker_id,
-            retry=replace(self.settings.retry, max_deliver=min(max_delivers)), on_fatal=self._on_fatal,
+            nc=nc,
+            js=js,
+            backend=tracing.traced_backend(self.backend),
+            worker_id=self.worker_id,
+            retry=replace(self.settings.retry, max_deliver=min(max_delivers)),
+            on_fatal=self._on_fatal,
         )
         # Tracing off: the runner itself, no wrapper on the hot path.
         self._runner = tracing.traced_runner(self._runner)
@@ -188,7 +193,10 @@ class Worker:
             services.start_soon(self._keep_leases)
             logger.info(
                 "worker ready worker_id=%s backend=%s models=%s concurrency=%d capabilities=%s",
-                self.worker_id, self.backend.name, ",".join(self.backend.models), self.concurrency,
+                self.worker_id,
+                self.backend.name,
+                ",".join(self.backend.models),
+                self.concurrency,
                 ",".join(str(c) for c in self.capabilities),
             )
             self.ready.set()
@@ -205,7 +213,9 @@ class Worker:
             # second run would only lose the create-once race for the result.
             logger.warning(
                 "redelivery of a task running here ignored stream_seq=%d attempt=%d worker_id=%s",
-                msg.metadata.sequence.stream, msg.metadata.num_delivered, self.worker_id,
+                msg.metadata.sequence.stream,
+                msg.metadata.num_delivered,
+                self.worker_id,
             )
             return
         if self._stopping or len(self._in_flight) >= self.concurrency or self._tasks is None:
@@ -245,7 +255,10 @@ class Worker:
             metadata = msg.metadata
             logger.exception(
                 "task settle failed worker_id=%s subject=%s stream_seq=%d attempt=%d",
-                self.worker_id, msg.subject, metadata.sequence.stream, metadata.num_delivered,
+                self.worker_id,
+                msg.subject,
+                metadata.sequence.stream,
+                metadata.num_delivered,
             )
             self.failed += 1
         else:
@@ -254,7 +267,13 @@ class Worker:
             elif outcome.status not in ("duplicate", "late", "retry", "returned"):
                 self.failed += 1
             if logger.isEnabledFor(logging.INFO):
-                logger.info("task %s task_id=%s attempt=%d worker_id=%s", outcome.status, outcome.task_id, outcome.attempt, self.worker_id)
+                logger.info(
+                    "task %s task_id=%s attempt=%d worker_id=%s",
+                    outcome.status,
+                    outcome.task_id,
+                    outcome.attempt,
+                    self.worker_id,
+                )
         finally:
             del self._in_flight[id(msg)]
             if self._held and not self._stopping:
@@ -275,43 +294,45 @@ class Worker:
             return False
         return any(
             p.credit == 0 or min(limit - p.credit, free) >= max(1, limit // 2)
-            for p, limit in self._credit_limits()
+            for p, limit, _ in self._credit_limits()
         )
 
-    def _credit_limits(self) -> list[tuple[Puller, int]]:
-        """Which consumers to ask, in order, and how much credit each may hold.
+    def _credit_limits(self) -> list[tuple[Puller, int, float]]:
+        """Which consumers to ask, in order: how much credit each may hold, for how long.
 
-        A consumer whose last request came back empty keeps only a probe of one slot
-        outstanding, so a new task there is still seen at once, and the consumers that have
-        work share the rest. With fewer slots than consumers they take turns, the one that
-        came back empty longest ago first.
+        A consumer whose last request came back empty keeps a probe of one slot outstanding
+        for a short while, so new work there is seen within a second; the consumers that have
+        work share the rest. With slots to spare the probes go first; with few, consumers
+        that have work do. With fewer slots than consumers they take turns, the one that came
+        back empty longest ago first.
         """
         pullers = self._pullers
         if self.concurrency < len(pullers):
-            return [(p, 1) for p in sorted(pullers, key=lambda p: p.idle_since)]
+            order = sorted(pullers, key=lambda p: p.idle_since)
+            return [(p, 1, ROTATE_EXPIRES_S) for p in order]
         idle = [p for p in pullers if p.idle_since]
         busy = [p for p in pullers if not p.idle_since]
         share = math.ceil((self.concurrency - len(idle)) / len(busy)) if busy else 1
-        return [(p, 1) for p in idle] + [(p, share) for p in busy]
+        probes = [(p, 1, ROTATE_EXPIRES_S) for p in idle]
+        shares = [(p, share, PULL_EXPIRES_S) for p in busy]
+        return probes + shares if self.concurrency >= 2 * len(pullers) else shares + probes
 
     async def _feed(self) -> None:
         """Keep pull requests outstanding for every free slot."""
-        starved = self.concurrency < len(self._pullers)
-        expires_s = ROTATE_EXPIRES_S if starved else PULL_EXPIRES_S
         while not self._stopping:
             self._changed = anyio.Event()
             now = time.monotonic()
             for puller in self._pullers:
                 puller.reclaim_lost_credit(now)
             free = self._free_slots()
-            for puller, limit in self._credit_limits():
+            for puller, limit, expires_s in self._credit_limits():
                 if free <= 0:
                     break
                 want = min(limit - puller.credit, free)
                 if want >= 1 and (puller.credit == 0 or want >= max(1, limit // 2)):
                     await puller.request(want, expires_s)
                     free -= want
-            with anyio.move_on_after(expires_s):
+            with anyio.move_on_after(ROTATE_EXPIRES_S):
                 await self._changed.wait()
 
     async def _keep_leases(self) -> None:
@@ -372,7 +393,9 @@ class Worker:
         assert self._nc is not None
         self._stopping = True
         self._changed.set()
-        logger.info("worker stopping worker_id=%s in_flight=%d", self.worker_id, len(self._in_flight))
+        logger.info(
+            "worker stopping worker_id=%s in_flight=%d", self.worker_id, len(self._in_flight)
+        )
         for puller in self._pullers:
             await puller.stop()
         await self._nc.flush(timeout=2)
@@ -384,7 +407,11 @@ class Worker:
             while self._in_flight:
                 await self._wait_changed()
         if self._in_flight:
-            logger.warning("grace over, handing back tasks worker_id=%s count=%d", self.worker_id, len(self._in_flight))
+            logger.warning(
+                "grace over, handing back tasks worker_id=%s count=%d",
+                self.worker_id,
+                len(self._in_flight),
+            )
             tasks.cancel_scope.cancel()
 
         with anyio.move_on_after(5, shield=True):

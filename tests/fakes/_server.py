@@ -166,7 +166,7 @@ async def serving(fake: FakeProvider) -> AsyncIterator[FakeProvider]:
         group.start_soon(server.serve, [sock])
         with anyio.fail_after(5):
             # uvicorn signals readiness only through this flag.
-            while not server.started:  # noqa: ASYNC110
+            while not server.started:  # noqa: ASYNC110 - uvicorn has no readiness event
                 await anyio.sleep(0.005)
         try:
             yield fake

@@ -68,7 +68,7 @@ async def test_a_burst_of_10000_tasks_keeps_memory_bounded(nats_url: str, tmp_pa
 
             # The worker stalls (a Pi swapping) while the whole burst arrives.
             worker.process.send_signal(signal.SIGSTOP)
-            burst = subprocess.Popen(  # noqa: ASYNC220 - starts at once; waited on in a thread
+            burst = subprocess.Popen(  # noqa: ASYNC220 - Popen only starts it
                 [sys.executable, "-m", "tests.faults.burst_client", nats_url, str(BURST)],
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
                 cwd=ROOT,

@@ -32,13 +32,12 @@ async def test_sigterm_hands_back_unfinished_tasks_at_once(nats_url: str, tmp_pa
     queued = [Task(id=f"queued-{i}", prompt="x") for i in range(2)]
     async with orchestrator_for(nats_url, topology=topology) as orch:
         leaving = await start_worker(
-            orch, nats_url, "leaving", tmp_path, topology, "--concurrency", "4", "--grace-s", "3"
+            orch, nats_url, "leaving", tmp_path, topology, "--concurrency", "2", "--grace-s", "3"
         )
         try:
             await orch.submit_many([quick, long])
             await poll_until(lambda: _ack_pending(orch, 2), what="both tasks to be taken")
-            # Four slots over two consumers (chat-echo, chat-any): two each, both busy here,
-            # so these wait in the queue.
+            # Both slots are busy, so these wait in the queue.
             await orch.submit_many(queued)
             leaving.process.send_signal(signal.SIGTERM)
             sigterm_at = time.time()
