@@ -18,6 +18,7 @@ from nats.js.api import (
     ConsumerConfig,
     DiscardPolicy,
     KeyValueConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -48,6 +49,7 @@ __all__ = [
     "max_deliveries_advisory_subject",
     "model_token",
     "result_subject",
+    "stored_result_subject",
     "task_subject",
 ]
 
@@ -119,6 +121,11 @@ def task_subject(model: str | None, kind: str = DEFAULT_KIND) -> str:
 def dead_subject(task_subject: str) -> str:
     """Where a dead letter from `task_subject` goes: `tasks.x.y` -> `dead.x.y`."""
     return "dead." + task_subject.removeprefix("tasks.")
+
+
+def stored_result_subject(task_id: str) -> str:
+    """Where a result is republished once stored (`results.<id>`); listen here, not on KV."""
+    return f"results.{task_id}"
 
 
 def result_subject(task_id: str) -> str:
@@ -243,12 +250,22 @@ def _differs(current: object, wanted: object) -> bool:
     return False
 
 
-async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
+async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig, *, update: bool) -> None:
     try:
         await js.key_value(config.bucket)
     except NotFoundError:
         await _create(f"bucket {config.bucket}", js.create_key_value(config))
         logger.info("bucket created name=%s", config.bucket)
+        return
+    wanted = config.republish
+    if update and wanted is not None:
+        # Buckets made before results were republished get it added in place.
+        info = await js.stream_info(f"KV_{config.bucket}")
+        current = info.config.republish
+        if current is None or (current.src, current.dest) != (wanted.src, wanted.dest):
+            info.config.republish = wanted
+            await js.update_stream(info.config)
+            logger.info("bucket updated name=%s republish=%s", config.bucket, wanted.dest)
 
 
 async def declare_topology(
@@ -265,7 +282,11 @@ async def declare_topology(
             history=1,
             replicas=settings.replicas,
             direct=True,
+            # Each result is republished on `results.<id>` once the stream has stored it, so
+            # a listener never hears of a result that a failover then loses.
+            republish=RePublish(src=f"$KV.{RESULTS_BUCKET}.>", dest="results.>"),
         ),
+        update=update,
     )
     await _ensure_bucket(
         js,
@@ -278,6 +299,7 @@ async def declare_topology(
             # A delete marker on expiry lets watchers see a worker die (server >= 2.11).
             limit_marker_ttl=max(1.0, settings.heartbeat_interval_s),
         ),
+        update=update,
     )
 
 

@@ -39,7 +39,7 @@ from mesh.topology import (
     TopologySettings,
     declare_capability,
     declare_topology,
-    result_subject,
+    stored_result_subject,
 )
 from orchestrator.dead_letters import DeadLetterHandler
 from orchestrator.routing import Router, RoutingSettings
@@ -159,7 +159,7 @@ class Orchestrator:
         if self.settings.declare:
             await declare_topology(self._js, self.settings.topology, update=True)
             await self._declare(Capability(self.settings.kind, ANY_MODEL))
-        await self._nc.subscribe(result_subject("*"), cb=self._on_result)
+        await self._nc.subscribe(stored_result_subject("*"), cb=self._on_result)
         if self.settings.declare:
             self.dead_letters = DeadLetterHandler(self._nc, self._js)
             await self.dead_letters.start()

@@ -74,10 +74,15 @@ async def _check_submit_and_read(nc: nats.NATS) -> None:
     js = nc.jetstream()
     # nats sub _INBOX.me.t1 & ; nats pub tasks.chat.any '{...reply_to...}' -H Nats-Msg-Id:t1
     inbox = await nc.subscribe("_INBOX.me.t1", max_msgs=1)
+    # nats sub 'results.*': every result, once the bucket has stored it
+    stored = await nc.subscribe("results.*", max_msgs=1)
     body = {"id": "t1", "prompt": "Say hi", "reply_to": "_INBOX.me.t1"}
     await nc.publish("tasks.chat.any", json.dumps(body).encode(), headers={"Nats-Msg-Id": "t1"})
     pushed = json.loads((await inbox.next_msg(timeout=10)).data)
     assert (pushed["id"], pushed["status"]) == ("t1", "ok")
+    republished = await stored.next_msg(timeout=10)
+    assert republished.subject == "results.t1"
+    assert json.loads(republished.data) == pushed
 
     # nats req tasks.chat.any '{...}' -H Nats-Msg-Id:t2 -> {"stream":"TASKS","seq":N}
     request = json.dumps({"id": "t2", "prompt": "Say hi"}).encode()

@@ -114,7 +114,7 @@ REFUSED = [
     ("worker", "pub", "$JS.API.CONSUMER.CREATE.KV_results", "watch every result"),
     ("worker", "pub", "$JS.API.STREAM.MSG.GET.DEAD", "read dead letters"),
     ("worker", "sub", "tasks.>", "listen to tasks"),
-    ("worker", "sub", "$KV.results.*", "listen to every result"),
+    ("worker", "sub", "results.*", "listen to every result"),
     ("worker", "sub", "_INBOX.>", "read clients' replies"),
     ("client", "pub", "$JS.API.CONSUMER.MSG.NEXT.TASKS.chat-any", "consume tasks"),
     ("client", "pub", "$JS.API.CONSUMER.DURABLE.CREATE.TASKS.mine", "make a task consumer"),
