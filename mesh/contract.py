@@ -43,6 +43,17 @@ _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 
 TaskId = Annotated[str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Client-chosen id.")]
 Status = Literal["ok", "error", "expired", "dead"]
+# Only an inbox may receive a copy of a result: a worker publishing to any subject a task
+# names could overwrite another task's result or put junk into TASKS.
+REPLY_SUBJECT_PATTERN = r"^_INBOX[A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+$"
+ReplySubject = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=REPLY_SUBJECT_PATTERN,
+        max_length=256,
+        description="An inbox subject (`_INBOX.` or a custom `_INBOX_<name>.` prefix).",
+    ),
+]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -78,7 +89,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     deadline: float | None = None
     timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     stream: bool = False
-    reply_to: str | None = None
+    reply_to: ReplySubject | None = None
     metadata: dict[str, Any] = {}
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import platformdirs
 
@@ -79,6 +80,7 @@ class EmbeddedServer:
         self.monitor_url = ""
         self._process: subprocess.Popen[bytes] | None = None
         self._ports_dir = ""
+        self._lock: IO[str] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -97,12 +99,36 @@ class EmbeddedServer:
     def start(self) -> str:
         """Start the server and wait until it listens; return its client URL."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_store()
         # The ports file is read once, here; the folder goes as soon as it has been read.
         self._ports_dir = tempfile.mkdtemp(prefix="d8-ports-")
         try:
             return self._start()
+        except BaseException:
+            self._unlock_store()
+            raise
         finally:
             shutil.rmtree(self._ports_dir, ignore_errors=True)
+
+    def _lock_store(self) -> None:
+        """Refuse to share a store dir: two servers on one store lose each other's data."""
+        if self._lock is not None:
+            return
+        lock = open(self.store_dir / ".d8-server.lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ConfigError(
+                f"the store dir {self.store_dir} is in use by another running nats-server: "
+                "stop it, or give this one its own folder with D8_STORE_DIR (or --store-dir)"
+            ) from None
+        self._lock = lock
+
+    def _unlock_store(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _start(self) -> str:
         self._process = subprocess.Popen(
@@ -150,6 +176,7 @@ class EmbeddedServer:
         """Stop with SIGTERM (the server flushes JetStream), SIGKILL after a timeout."""
         process, self._process = self._process, None
         if process is None:
+            self._unlock_store()
             return
         if process.poll() is None:
             process.terminate()
@@ -161,6 +188,7 @@ class EmbeddedServer:
             logger.info("nats-server stopped pid=%s", process.pid)
         if process.stderr is not None:
             process.stderr.close()
+        self._unlock_store()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would; for fault tests."""

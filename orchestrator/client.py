@@ -35,8 +35,9 @@ __all__ = [
 ]
 
 # Wide enough for the tables when output goes to a file or a pipe (rich assumes 80 there).
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True)
+# markup=False: model output and error reasons are shown as written, never read as markup.
+console = Console(width=None if sys.stdout.isatty() else 120, markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 def client_settings() -> OrchestratorSettings:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
 
 from mesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mesh.contract import Task
 from orchestrator.client import (
     console,
     load_tasks,
     results_table,
     run_with_progress,
-    workers_table,
 )
 from orchestrator.core import Orchestrator
 from orchestrator.launch import mesh_running, orchestrator_settings
@@ -26,7 +32,8 @@ DEFAULT_WORKLOAD = Path("examples/d8-workload.jsonl")
 WORKERS_READY_TIMEOUT_S = 30.0
 
 NATS_CLI_HINTS = """\
-Look at what just happened with the standard `nats` CLI (--server {url}):
+The demo's server is gone with it. While a mesh runs (`d8 up`, which prints its NATS_URL),
+look inside with the standard `nats` CLI (--server <that url>):
   nats stream info TASKS          the work queue (empty once every task is acked)
   nats consumer ls TASKS          one durable consumer per capability
   nats kv ls results              one result per task id
@@ -52,7 +59,18 @@ async def run_demo(file: str | None, *, workers: int, backend: str | None, timeo
     # A fresh id per run, so re-running within the duplicate window runs the tasks again.
     tasks = [msgspec.structs.replace(t, id=f"{run_id}-{t.id}") for t in load_tasks(str(path))]
 
-    async with mesh_running(workers=workers, backend=backend) as mesh:
+    # A store of its own: the demo neither sees nor disturbs a `d8 up` on this machine.
+    store = tempfile.mkdtemp(prefix="d8-demo-")
+    try:
+        return await _run(tasks, store, workers=workers, backend=backend, timeout_s=timeout_s)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+async def _run(
+    tasks: list[Task], store: str, *, workers: int, backend: str | None, timeout_s: float
+) -> int:
+    async with mesh_running(workers=workers, backend=backend, store_dir=store) as mesh:
         async with Orchestrator(orchestrator_settings(mesh.connection)) as orchestrator:
             url = mesh.connection.servers[0]
             console.print(f"mesh up: NATS {url}, starting {workers} {mesh.backend} workers")
@@ -61,14 +79,17 @@ async def run_demo(file: str | None, *, workers: int, backend: str | None, timeo
             results = await run_with_progress(orchestrator, tasks, timeout_s)
             elapsed_s = time.perf_counter() - started
             console.print(results_table(tasks, results))
-            console.print(workers_table(orchestrator.workers.values()))
             rss = [hb.rss_mb for hb in orchestrator.workers.values()]
+
+    per_worker = Counter(r.worker_id for r in results.values())
+    for worker_id, count in sorted(per_worker.items()):
+        console.print(f"worker {worker_id} ran {count} tasks")
 
     ok = sum(1 for r in results.values() if r.status == "ok")
     console.print(
         f"{len(tasks)} tasks in {elapsed_s:.2f}s ({len(tasks) / elapsed_s:.0f} tasks/s), "
         f"worker RSS {min(rss, default=0):.0f}-{max(rss, default=0):.0f} MB"
     )
-    print(NATS_CLI_HINTS.format(url=mesh.connection.servers[0], task_id=tasks[0].id))
+    print(NATS_CLI_HINTS.format(task_id=tasks[0].id))
     print(f"{ok}/{len(tasks)} tasks ok")
     return 0 if ok == len(tasks) else 1

@@ -91,13 +91,17 @@ def _spawn_worker(
 
 @asynccontextmanager
 async def mesh_running(
-    *, workers: int, backend: str | None = None, model: str | None = None
+    *,
+    workers: int,
+    backend: str | None = None,
+    model: str | None = None,
+    store_dir: str | None = None,
 ) -> AsyncIterator[MeshProcesses]:
     """An embedded server (unless NATS_URL is set) and `workers` worker processes."""
     connection = ConnectionSettings.from_env(name="d8-up")
     server = None
     if not os.environ.get("NATS_URL"):
-        server = EmbeddedServer()
+        server = EmbeddedServer(store_dir)
         await anyio.to_thread.run_sync(server.start)
         connection = replace(connection, servers=(server.url,))
     if backend is None:

@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 # Wide enough for the tables when output goes to a file or a pipe (rich assumes 80 there).
-console = Console(width=None if sys.stdout.isatty() else 140)
+# markup=False: worker ids and dead-letter reasons are shown as written, never as markup.
+console = Console(width=None if sys.stdout.isatty() else 140, markup=False)
 
 
 def _number(value: float | None, spec: str = "g") -> str:

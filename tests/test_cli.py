@@ -113,3 +113,15 @@ def test_the_example_workload_is_valid_and_realistic(workload: str) -> None:
     kinds = {t.metadata["kind"] for t in tasks}
     assert len(tasks) >= 50
     assert kinds == {"mutate", "crossover", "score"}
+
+
+def test_results_table_shows_brackets_as_written() -> None:
+    from rich.console import Console
+
+    from mesh.contract import Result, Task
+    from orchestrator.client import results_table
+
+    console = Console(width=200, markup=False, record=True)
+    result = Result(id="b", status="ok", output="[/INST] close tag [/] and [bold]x[/bold]")
+    console.print(results_table([Task(id="b", prompt="x")], {"b": result}))
+    assert "[/INST] close tag [/] and [bold]x[/bold]" in console.export_text()

@@ -50,6 +50,9 @@ def test_prompt_task_round_trips() -> None:
         ),
         (b'{"id": "a", "prompt": "x", "options": {"temperature": 9}}', r"Expected `float` <= 2"),
         (b'{"id": "a", "prompt": "x", "timeout_s": 0}', r"Expected `float` > 0"),
+        (b'{"id": "a", "prompt": "x", "reply_to": "$KV.results.b"}', r"at `\$.reply_to`"),
+        (b'{"id": "a", "prompt": "x", "reply_to": "tasks.chat.any"}', r"at `\$.reply_to`"),
+        (b'{"id": "a", "prompt": "x", "reply_to": "_INBOX.a b"}', r"at `\$.reply_to`"),
     ],
 )
 def test_bad_tasks_are_refused_with_a_clear_message(payload: bytes, message: str) -> None:
@@ -85,6 +88,11 @@ def test_result_and_heartbeat_ignore_unknown_fields() -> None:
         "soc_temp_c": 50,
     }
     assert decode_heartbeat(json.dumps(heartbeat).encode()).worker_id == "w"
+
+
+@pytest.mark.parametrize("subject", ["_INBOX.abc", "_INBOX.me.t1", "_INBOX_orchestrator.x.y"])
+def test_inbox_reply_subjects_are_accepted(subject: str) -> None:
+    assert Task(id="a", prompt="x", reply_to=subject).reply_to == subject
 
 
 def test_chat_messages_put_the_system_prompt_first() -> None:
