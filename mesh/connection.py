@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
+import nats.errors
 from nats.aio.client import Client as NATSClient
 
 from mesh.errors import ConfigError
@@ -19,9 +21,22 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
     from nats.js import JetStreamContext
 
-__all__ = ["ConnectionSettings", "api_prefix", "connect", "jetstream", "redact_url"]
+__all__ = [
+    "NATS_ERRORS",
+    "ConnectionSettings",
+    "api_prefix",
+    "close_quietly",
+    "connect",
+    "jetstream",
+    "redact_url",
+]
 
 logger = logging.getLogger(__name__)
+
+
+#: What a NATS call raises when the server is away or the connection is going: timeouts,
+#: a connection closed or reconnecting, and the socket errors under them.
+NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError, TimeoutError)
 
 
 def redact_url(url: str) -> str:
@@ -164,3 +179,19 @@ def jetstream(nc: NATS, settings: ConnectionSettings) -> JetStreamContext:
 def api_prefix(settings: ConnectionSettings) -> str:
     """The JetStream API subject prefix, with the hub's domain when one is set."""
     return f"$JS.{settings.js_domain}.API" if settings.js_domain else "$JS.API"
+
+
+async def close_quietly(nc: NATS, drain_timeout_s: float = 5.0) -> None:
+    """Drain, and close when the drain cannot finish: at exit, with NATS up or not.
+
+    A drain while the connection is reconnecting raises, and one that a busy subscription
+    keeps going would leave the socket and the client's tasks behind.
+    """
+    try:
+        with anyio.move_on_after(drain_timeout_s, shield=True):
+            await nc.drain()
+    except NATS_ERRORS as exc:
+        logger.warning("nats drain failed, closing error=%r", exc)
+    if not nc.is_closed:
+        with anyio.move_on_after(2, shield=True):
+            await nc.close()

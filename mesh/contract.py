@@ -33,6 +33,7 @@ __all__ = [
     "decode_result",
     "decode_task",
     "encode",
+    "is_valid_task_id",
     "json_schemas",
 ]
 

@@ -57,7 +57,7 @@ def load_tasks(path: str) -> list[Task]:
                     continue
                 try:
                     tasks.append(decode_task(line))
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, RecursionError) as exc:
                     raise ConfigError(f"{path}:{number}: not a valid task: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None

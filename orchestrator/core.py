@@ -20,7 +20,7 @@ import nats.errors
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from mesh import tracing
-from mesh.connection import ConnectionSettings, connect, jetstream
+from mesh.connection import ConnectionSettings, close_quietly, connect, jetstream
 from mesh.contract import (
     Heartbeat,
     Result,
@@ -29,6 +29,7 @@ from mesh.contract import (
     decode_result,
     decode_task,
     encode,
+    is_valid_task_id,
 )
 from mesh.errors import SubmitError, TaskRejectedError, TaskTooLargeError
 from mesh.results import get_result
@@ -182,13 +183,7 @@ class Orchestrator:
         assert self._task_group_cm is not None
         self._tasks.cancel_scope.cancel()
         await self._task_group_cm.__aexit__(None, None, None)
-        with anyio.move_on_after(5, shield=True):
-            await self.nc.drain()
-        if not self.nc.is_closed:
-            # The drain did not end in time (a caller's subscription kept it busy); without
-            # a close the socket and the client's tasks would outlive the orchestrator.
-            with anyio.move_on_after(2, shield=True):
-                await self.nc.close()
+        await close_quietly(self.nc)
 
     async def _declare(self, capability: Capability) -> None:
         if capability in self._declared or not self.settings.declare:
@@ -317,10 +312,12 @@ class Orchestrator:
 
     async def result(self, task_id: str) -> Result | None:
         """The stored result of a task, or None while it has none."""
+        _check_task_id(task_id)
         return await get_result(self.js, task_id)
 
     async def wait(self, task_id: str, timeout_s: float) -> Result | None:
         """Wait up to `timeout_s` for a task's result; None if it did not come."""
+        _check_task_id(task_id)
         waiter = self._register(task_id)
         # Registered before looking, so a result written in between is not missed.
         stored = await get_result(self.js, task_id)
@@ -428,3 +425,9 @@ class Orchestrator:
     def live_capabilities(self) -> set[str]:
         """Capabilities (`kind/token`) that at least one live worker serves."""
         return {c for hb in self.workers.values() for c in hb.capabilities}
+
+
+def _check_task_id(task_id: str) -> None:
+    # A wildcard or a dot would make a lookup match some other task's result.
+    if not is_valid_task_id(task_id):
+        raise TaskRejectedError(f"{task_id!r} is not a task id: use 1 to 128 of A-Z a-z 0-9 _ -")

@@ -61,7 +61,7 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
     async def submit(request: Request) -> Response:
         try:
             decoded = _tasks_decoder.decode(await request.body())
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             return _json({"error": {"type": "invalid_task", "message": str(exc)}}, 400)
         tasks = decoded if isinstance(decoded, list) else [decoded]
         wait_s = _wait_s(request)
@@ -83,9 +83,12 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
     async def result(request: Request) -> Response:
         task_id = request.path_params["task_id"]
         wait_s = _wait_s(request)
-        found = await (
-            orchestrator.wait(task_id, wait_s) if wait_s else orchestrator.result(task_id)
-        )
+        try:
+            found = await (
+                orchestrator.wait(task_id, wait_s) if wait_s else orchestrator.result(task_id)
+            )
+        except TaskRejectedError as exc:
+            return _json({"error": {"type": exc.type_name, "message": str(exc)}}, 400)
         if found is None:
             return _json({"id": task_id, "status": "pending"}, 404)
         return _json(found)

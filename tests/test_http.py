@@ -59,6 +59,14 @@ async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
             assert huge.status_code == 413
             assert "over the server's max_payload" in huge.json()["error"]["message"]
 
+            wildcard = await http.get("/results/*")
+            assert wildcard.status_code == 400
+            assert "is not a task id" in wildcard.json()["error"]["message"]
+
+            nested = b'{"id": "deep", "prompt": "x", "metadata": {"m": ' + b"[" * 50_000
+            deep = await http.post("/tasks", content=nested + b"]" * 50_000 + b"}}")
+            assert deep.status_code == 400
+
             missing = await http.get("/results/nope")
             assert (missing.status_code, missing.json()["status"]) == (404, "pending")
 

@@ -17,7 +17,14 @@ import anyio
 
 import mesh
 from mesh import tracing
-from mesh.connection import ConnectionSettings, api_prefix, connect, jetstream
+from mesh.connection import (
+    NATS_ERRORS,
+    ConnectionSettings,
+    api_prefix,
+    close_quietly,
+    connect,
+    jetstream,
+)
 from mesh.contract import Heartbeat, encode
 from mesh.results import delete_heartbeat
 from mesh.topology import (
@@ -144,8 +151,7 @@ class Worker:
             try:
                 await self._serve(self._nc)
             finally:
-                with anyio.move_on_after(5, shield=True):
-                    await self._nc.drain()
+                await close_quietly(self._nc)
                 logger.info(
                     "worker stopped worker_id=%s completed=%d", self.worker_id, self.completed
                 )
@@ -396,11 +402,17 @@ class Worker:
         logger.info(
             "worker stopping worker_id=%s in_flight=%d", self.worker_id, len(self._in_flight)
         )
-        for puller in self._pullers:
-            await puller.stop()
-        await self._nc.flush(timeout=2)
-        for msg in self._held:
-            await msg.nak()
+        try:
+            for puller in self._pullers:
+                await puller.stop()
+            await self._nc.flush(timeout=2)
+            for msg in self._held:
+                await msg.nak()
+        except NATS_ERRORS as exc:
+            # NATS is away: the server hands these back itself once their ack wait passes.
+            logger.warning(
+                "could not hand back held tasks worker_id=%s error=%r", self.worker_id, exc
+            )
         self._held.clear()
 
         with anyio.move_on_after(0 if self.fatal else self.settings.grace_s):
@@ -414,9 +426,14 @@ class Worker:
             )
             tasks.cancel_scope.cancel()
 
-        with anyio.move_on_after(5, shield=True):
-            await delete_heartbeat(self._nc, self.worker_id)
-        logger.info("heartbeat removed worker_id=%s", self.worker_id)
+        try:
+            with anyio.move_on_after(5, shield=True):
+                await delete_heartbeat(self._nc, self.worker_id)
+        except NATS_ERRORS as exc:
+            # It expires with its TTL instead.
+            logger.warning("heartbeat not removed worker_id=%s error=%r", self.worker_id, exc)
+        else:
+            logger.info("heartbeat removed worker_id=%s", self.worker_id)
 
     async def _wait_changed(self) -> None:
         self._changed = anyio.Event()
