@@ -100,7 +100,10 @@ async def _cmd_up(args: argparse.Namespace) -> int:
                 group.start_soon(serve_http, orchestrator, args.http_host, args.http_port, stop)
                 print(
                     f"d8 mesh up: NATS {mesh.connection.servers[0]}, {args.workers} {mesh.backend} "
-                    f"worker(s), HTTP http://{args.http_host}:{args.http_port}. Ctrl-C stops it."
+                    f"worker(s), HTTP http://{args.http_host}:{args.http_port}. Ctrl-C stops it.\n"
+                    f"In another shell: export NATS_URL={mesh.connection.servers[0]}, then "
+                    "d8 submit, d8 status, d8 workers, or nats --server $NATS_URL ...",
+                    flush=True,
                 )
                 await stop.wait()
                 group.cancel_scope.cancel()

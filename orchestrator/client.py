@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -17,6 +18,7 @@ from mesh.contract import Heartbeat, Result, Task, decode_heartbeat, decode_task
 from mesh.errors import ConfigError
 from mesh.topology import WORKERS_BUCKET, chunk_subject
 from orchestrator.core import Orchestrator, OrchestratorSettings
+from orchestrator.routing import RoutingSettings
 
 if TYPE_CHECKING:
     import argparse
@@ -40,10 +42,15 @@ console = Console(width=None if sys.stdout.isatty() else 120, markup=False)
 err_console = Console(stderr=True, markup=False)
 
 
-def client_settings() -> OrchestratorSettings:
-    """A plain client: it neither declares the topology nor watches workers."""
+def client_settings(*, route: bool = False) -> OrchestratorSettings:
+    """A plain client: it declares nothing; with `route`, it refuses (or reroutes) a task
+    for a model no live worker serves, as the orchestrator's HTTP API does."""
+    routing = replace(RoutingSettings.from_env(), move_queued=False) if route else None
     return OrchestratorSettings(
-        connection=ConnectionSettings.from_env(name="d8-client"), declare=False, watch_workers=False
+        connection=ConnectionSettings.from_env(name="d8-client"),
+        declare=False,
+        watch_workers=route,
+        routing=routing,
     )
 
 
@@ -81,7 +88,7 @@ def _task_from_args(args: argparse.Namespace) -> Task:
 
 async def submit_command(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.file) if args.file else [_task_from_args(args)]
-    async with Orchestrator(client_settings()) as orchestrator:
+    async with Orchestrator(client_settings(route=True)) as orchestrator:
         if args.stream and len(tasks) == 1:
             return await _submit_streaming(orchestrator, tasks[0], args.timeout_s)
         if not args.wait:

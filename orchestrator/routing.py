@@ -108,6 +108,8 @@ class RoutingSettings:
     move_after_s: float = 30.0
     #: How often the mover looks (it also wakes on every worker change).
     check_every_s: float = 5.0
+    #: Move queued tasks at all (the orchestrator does; a plain client only routes new ones).
+    move_queued: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RoutingSettings:
@@ -182,7 +184,7 @@ class Router:
     async def run(self) -> None:
         """Move queued tasks off chained capabilities whose workers are gone, until cancelled."""
         await self._orchestrator.workers_loaded.wait()
-        if not self.settings.chains:
+        if not self.settings.chains or not self.settings.move_queued:
             return
         while True:
             next_check_s = await self._check()

@@ -78,6 +78,10 @@ def test_d8_up_serves_submit_result_and_workers(tmp_path: Path) -> None:
         assert submitted.returncode == 0, submitted.stderr
         assert "1/1 tasks ok" in submitted.stdout
 
+        unserved = _d8("submit", "hi", "--model", "nobody:1b", "--wait", env=client_env)
+        assert unserved.returncode == 1
+        assert "nobody:1b" in unserved.stderr and "live" in unserved.stderr
+
         result = _d8("result", "cli-1", env=client_env)
         assert result.returncode == 0 and '"output": "echo: hello mesh"' in result.stdout
 

@@ -2,7 +2,8 @@
 
 Tests steer it through the task's metadata key `echo` (ignored by every other backend):
 `{"echo": {"sleep_s": 2.0}}` makes it take that long, `{"echo": {"fail": KIND}}` makes it
-fail with KIND in `transient`, `rate_limited`, `invalid`, `fatal`, and `"fail_times": N`
+fail with KIND in `transient`, `rate_limited`, `invalid` (never a worker-level failure:
+a task must not be able to stop a worker), and `"fail_times": N`
 fails only the first N runs of that task id in this process.
 """
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 
 from mesh.contract import Usage
-from mesh.errors import InvalidTaskError, RateLimitedError, TransientError, WorkerFatalError
+from mesh.errors import InvalidTaskError, RateLimitedError, TransientError
 from workers.backends import BackendSettings, Generation, OnPiece
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ _FAILURES: dict[str, type[Exception]] = {
     "transient": TransientError,
     "rate_limited": RateLimitedError,
     "invalid": InvalidTaskError,
-    "fatal": WorkerFatalError,
 }
 
 
