@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Self
 import anyio
 import msgspec
 import nats.errors
-from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from mesh import tracing
 from mesh.connection import ConnectionSettings, close_quietly, connect, jetstream
@@ -198,12 +203,19 @@ class Orchestrator:
 
     async def submit(self, task: Task) -> Submitted:
         """Publish one task; a repeat of an id inside the duplicate window is not stored."""
+        data = self._checked(task)  # bad input is refused before anything else
         if self.router is not None:
-            task = await self.router.route(task)
+            routed = await self.router.route(task)
+            task, data = (task, data) if routed is task else (routed, self._checked(routed))
         subject = self.subject_for(task)
         await self._declare(Capability.from_subject(subject))
-        ack = await self._publish(task, subject)
+        ack = await self._publish(task, subject, data)
         return Submitted(task.id, subject, ack.seq, bool(ack.duplicate))
+
+    async def _routed(self, task: Task, data: bytes) -> tuple[Task, bytes]:
+        assert self.router is not None
+        routed = await self.router.route(task)
+        return (task, data) if routed is task else (routed, self._checked(routed))
 
     def _checked(self, task: Task) -> bytes:
         """The task as sent; what a worker would refuse or NATS could not carry fails here."""
@@ -219,12 +231,11 @@ class Orchestrator:
             )
         return data
 
-    async def _publish(self, task: Task, subject: str) -> PubAck:
+    async def _publish(self, task: Task, subject: str, data: bytes) -> PubAck:
         """Publish one task and wait for its PubAck, retrying while JetStream fails over.
 
         Retrying is safe: the task's `Nats-Msg-Id` makes the stream store it once.
         """
-        data = self._checked(task)
         headers = tracing.submit_headers(task.id, subject)
         deadline = time.monotonic() + _SUBMIT_RETRY_S
         while True:
@@ -247,10 +258,10 @@ class Orchestrator:
     async def submit_many(self, tasks: Iterable[Task]) -> list[Submitted]:
         """Publish many tasks with their acks pipelined; returns one `Submitted` per task."""
         pending = []
-        if self.router is not None:
-            tasks = [await self.router.route(task) for task in tasks]
         # All checked before any is sent: a refused batch is not half submitted.
         checked = [(task, self._checked(task)) for task in tasks]
+        if self.router is not None:
+            checked = [await self._routed(task, data) for task, data in checked]
         for task, data in checked:
             subject = self.subject_for(task)
             await self._declare(Capability.from_subject(subject))
@@ -291,7 +302,7 @@ class Orchestrator:
                 ) from exc
         # The server restarted or failed over: the publish or its ack was lost on the way.
         logger.warning("no ack for a submitted task, publishing it again task_id=%s", task.id)
-        return await self._publish(task, subject)
+        return await self._publish(task, subject, self._checked(task))
 
     # -- results ------------------------------------------------------------------------
 
@@ -391,7 +402,14 @@ class Orchestrator:
     # -- workers ------------------------------------------------------------------------
 
     async def _watch_workers(self) -> None:
-        kv: KeyValue = await self.js.key_value(WORKERS_BUCKET)
+        try:
+            kv: KeyValue = await self.js.key_value(WORKERS_BUCKET)
+        except NotFoundError:
+            # Nobody declared the topology yet: no worker can be live, and a submit will say
+            # what is missing.
+            logger.warning("no %s bucket: is the orchestrator running?", WORKERS_BUCKET)
+            self.workers_loaded.set()
+            return
         watcher = await kv.watchall()
         async for entry in watcher:
             if entry is None:

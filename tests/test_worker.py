@@ -7,7 +7,7 @@ import time
 import nats
 import pytest
 
-from mesh.contract import Message, Options, Task
+from mesh.contract import Message, Options, Result, Task
 from mesh.results import DeadLetter, get_result
 from mesh.topology import DEAD_STREAM, TASKS_STREAM, TopologySettings
 from tests.helpers import orchestrator_for, poll_until, running_worker, worker_settings
@@ -195,3 +195,25 @@ async def test_a_task_for_a_model_this_worker_does_not_serve_is_an_error(
         result = await orch.wait("wrong-model", timeout_s=10)
     assert result is not None and result.status == "error"
     assert result.error is not None and "is not served by this worker" in result.error.message
+
+
+async def test_an_id_reused_after_the_duplicate_window_gets_the_stored_result(
+    nats_url: str,
+) -> None:
+    topology = TopologySettings(heartbeat_interval_s=1.0, duplicate_window_s=1.0)
+    async with (
+        orchestrator_for(nats_url, topology=topology) as orch,
+        running_worker(worker_settings(nats_url, topology=topology)),
+    ):
+        _, first = await orch.run([Task(id="reuse", prompt="FIRST")], timeout_s=10)
+
+        async def run_anew() -> Result | None:
+            # Within the window the submit is dropped as a duplicate: harmless to repeat.
+            submitted, results = await orch.run([Task(id="reuse", prompt="SECOND")], 5)
+            return None if submitted[0].duplicate else results.get("reuse")
+
+        again = await poll_until(run_anew, timeout_s=15, interval_s=0.2, what="a run anew")
+        stored = await get_result(orch.js, "reuse")
+
+    assert first["reuse"].output == "echo: FIRST"
+    assert again == stored == first["reuse"], "the caller sees the one stored result"

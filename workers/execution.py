@@ -30,7 +30,13 @@ from mesh.contract import (
 )
 from mesh.errors import InvalidTaskError, RetryableError, WorkerFatalError
 from mesh.results import ResultWriter, get_result, publish_dead_letter, write_result_once
-from mesh.topology import ANY_MODEL, Capability, chunk_subject, model_token
+from mesh.topology import (
+    ANY_MODEL,
+    Capability,
+    chunk_subject,
+    model_token,
+    stored_result_subject,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -128,8 +134,13 @@ class TaskRunner:
             )
             return Outcome("error", task_id, attempt)
 
-        if attempt > 1 and await get_result(self._js, task.id) is not None:
-            # An earlier attempt stored the result but its ack was lost.
+        # A redelivery may find its result stored by an earlier attempt whose ack was lost; a
+        # costly backend also looks on a first delivery (an id reused after the window).
+        if (attempt > 1 or self._backend.costly) and (
+            earlier := await get_result(self._js, task.id)
+        ) is not None:
+            if attempt == 1:
+                await self._announce(earlier, task.reply_to)
             await msg.ack()
             logger.warning("task already done task_id=%s attempt=%d", task.id, attempt)
             return Outcome("duplicate", task.id, attempt)
@@ -303,10 +314,24 @@ class TaskRunner:
             result = msgspec.structs.replace(result, status="error", output="", error=error)
             data = encode(result)
             stored = await self._results.write_once(result, data)
-        if reply_to and stored:
+        if stored and reply_to:
             await self._nc.publish(reply_to, data)
+        elif (
+            not stored
+            and result.attempt == 1
+            and (earlier := await get_result(self._js, result.id))
+        ):
+            await self._announce(earlier, reply_to)
         await msg.ack()
         return stored
+
+    async def _announce(self, stored: Result, reply_to: str | None) -> None:
+        """Tell waiters about a result stored before this delivery (the id was used again
+        after the duplicate window): the bucket republishes only new writes."""
+        data = encode(stored)
+        await self._nc.publish(stored_result_subject(stored.id), data)
+        if reply_to:
+            await self._nc.publish(reply_to, data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,6 +111,8 @@ async def test_a_stalled_worker_does_not_run_its_own_redelivered_task_again(
         try:
             await orch.submit(task)
             await poll_until(lambda: _ack_pending(orch, 1), what="the worker to take it")
+            # ...and to ask for more on that consumer, so the redelivery can come back to it.
+            await poll_until(lambda: _waiting(orch), what="its next pull request")
             worker.process.send_signal(signal.SIGSTOP)
             await poll_until(lambda: _delivered(orch, 2), timeout_s=20, what="the redelivery")
             worker.process.send_signal(signal.SIGCONT)
@@ -124,6 +126,10 @@ async def test_a_stalled_worker_does_not_run_its_own_redelivered_task_again(
     assert result is not None and (result.worker_id, result.attempt) == ("stalled", 1)
     ledger.check()
     assert "redelivery of a task running here ignored" in worker.log()
+
+
+async def _waiting(orch: Orchestrator) -> bool:
+    return (await consumer_info(orch)).num_waiting >= 1
 
 
 async def _delivered(orch: Orchestrator, count: int) -> bool:

@@ -53,6 +53,9 @@ class Backend(Protocol):
     models: tuple[str, ...]
     #: How many tasks this backend runs at once unless the worker is told otherwise.
     default_concurrency: int
+    #: Whether a call costs time or money: then the worker looks for a stored result before
+    #: every attempt, so an id submitted again after the duplicate window is not paid twice.
+    costly: bool
 
     async def __aenter__(self) -> Self: ...
 

@@ -69,6 +69,7 @@ class ChatCompletionsBackend:
 
     name = "chat-completions"
     default_concurrency = 4
+    costly = True
     flavour: Flavour
 
     def __init__(self, settings: BackendSettings) -> None:

@@ -38,6 +38,7 @@ class EchoBackend:
 
     name = "echo"
     default_concurrency = 64
+    costly = False
 
     def __init__(self, settings: BackendSettings) -> None:
         self.models = settings.models or ("echo",)

@@ -74,6 +74,7 @@ class GeminiBackend:
 
     name = "gemini"
     default_concurrency = 4
+    costly = True
 
     def __init__(self, settings: BackendSettings) -> None:
         if not settings.models:

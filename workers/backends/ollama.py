@@ -60,6 +60,7 @@ class OllamaBackend:
 
     name = "ollama"
     default_concurrency = 1
+    costly = True
 
     def __init__(self, settings: BackendSettings) -> None:
         if not settings.models:
