@@ -38,11 +38,23 @@ async def _cmd_server(args: argparse.Namespace) -> int:
     await anyio.to_thread.run_sync(server.start)
     print(f"nats-server listening on {server.url} (store {server.store_dir}); Ctrl-C stops it")
     stop = anyio.Event()
+    died = False
+
+    async def watch_server() -> None:
+        nonlocal died
+        await anyio.to_thread.run_sync(server.wait, abandon_on_cancel=True)
+        died = True
+        stop.set()
+
     async with anyio.create_task_group() as group:
         group.start_soon(_until_signal, stop.set)
+        group.start_soon(watch_server)
         await stop.wait()
         group.cancel_scope.cancel()
     await anyio.to_thread.run_sync(server.stop)
+    if died:
+        print(f"d8 server: nats-server exited on its own; see {server.log_file}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -71,7 +83,7 @@ async def _cmd_orchestrator(args: argparse.Namespace) -> int:
 
     settings = orchestrator_settings(ConnectionSettings.from_env(name="d8-orchestrator"))
     if args.http_port is None:
-        args.http_port = env_int(os.environ, "D8_HTTP_PORT", 7001)
+        args.http_port = env_int(os.environ, "D8_HTTP_PORT", 7001, maximum=65535)
     stop = anyio.Event()
     async with Orchestrator(settings) as orchestrator, anyio.create_task_group() as group:
         group.start_soon(_until_signal, stop.set)
@@ -152,7 +164,7 @@ def _serve_worker_metrics(worker: object) -> None:
     """A worker's own `/metrics` when D8_METRICS_PORT is set (host: D8_METRICS_HOST)."""
     from mesh.settings import env_int
 
-    port = env_int(os.environ, "D8_METRICS_PORT", 0, minimum=0)
+    port = env_int(os.environ, "D8_METRICS_PORT", 0, minimum=0, maximum=65535)
     if port:
         from orchestrator.metrics import serve_worker_metrics
 
@@ -262,7 +274,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--system", default=None)
     submit.add_argument("--wait", action="store_true", help="wait for results and print them")
     submit.add_argument("--stream", action="store_true", help="print output pieces as they arrive")
-    submit.add_argument("--timeout-s", type=float, default=300.0)
+    submit.add_argument(
+        "--timeout-s", type=float, default=300.0, help="how long --wait waits for results"
+    )
     submit.set_defaults(run=_cmd_submit)
 
     result = commands.add_parser("result", help="print a task's result")

@@ -140,7 +140,11 @@ async def connect(settings: ConnectionSettings, **callbacks: Any) -> NATS:
     """Connect with the mesh's reconnect policy; callbacks default to logging."""
     shown = ",".join(redact_url(u) for u in settings.servers)
 
+    refused: list[str] = []
+
     async def on_error(exc: Exception) -> None:
+        if "authorization violation" in str(exc).lower():
+            refused.append(str(exc))
         logger.warning("nats error name=%s error=%s", settings.name, exc)
 
     async def on_disconnected() -> None:
@@ -157,6 +161,11 @@ async def connect(settings: ConnectionSettings, **callbacks: Any) -> NATS:
     try:
         await nc.connect(**settings.options(), **callbacks)
     except Exception as exc:
+        if refused:
+            raise ConfigError(
+                f"NATS at {shown} refused our credentials (authorization violation): check "
+                "NATS_USER and NATS_PASSWORD, NATS_TOKEN, NATS_CREDS or NATS_NKEY_SEED"
+            ) from None
         # nats-py's errors give no hint; say where and how. Its message may hold the URL.
         raise ConfigError(
             f"cannot connect to NATS at {shown}: {type(exc).__name__}. "

@@ -190,6 +190,11 @@ class EmbeddedServer:
             process.stderr.close()
         self._unlock_store()
 
+    def wait(self) -> int | None:
+        """Block until the server process exits; its exit status (None: never started)."""
+        process = self._process
+        return process.wait() if process is not None else None
+
     def kill(self) -> None:
         """SIGKILL, as a crash would; for fault tests."""
         if self._process is not None and self._process.poll() is None:

@@ -30,8 +30,10 @@ def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: flo
     return value
 
 
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
-    """A whole number from `env[name]`, at least `minimum`."""
+def env_int(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int | None = None
+) -> int:
+    """A whole number from `env[name]`, from `minimum` to `maximum`."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -43,6 +45,8 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0
         ) from None
     if value < minimum:
         raise ConfigError(f"{name}={raw} is below {minimum}; set it like {name}={default}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={raw} is above {maximum}; set it like {name}={default}")
     return value
 
 

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 MAX_WAIT_S = 600.0
+# A batch of about 30,000 D8-sized tasks; larger batches go in several requests.
+MAX_BODY_BYTES = 32 * 1024 * 1024
 _tasks_decoder = msgspec.json.Decoder(Task | list[Task])
 _encoder = msgspec.json.Encoder()
 
@@ -41,9 +43,27 @@ def _json(body: Any, status: int = 200) -> Response:
 def _wait_s(request: Request) -> float:
     raw = request.query_params.get("wait", "0")
     try:
-        return min(MAX_WAIT_S, max(0.0, float(raw)))
+        wait_s = float(raw)
     except ValueError:
-        return 0.0
+        raise _BadRequest(f"wait={raw!r} is not a number of seconds") from None
+    if not 0 <= wait_s <= MAX_WAIT_S:
+        raise _BadRequest(f"wait={raw} must be between 0 and {MAX_WAIT_S:g} seconds")
+    return wait_s
+
+
+class _BadRequest(Exception):
+    """A request the API refuses with 400 and this message."""
+
+
+class _TooLarge(Exception):
+    """A request body over MAX_BODY_BYTES."""
+
+
+async def _refuse(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, _TooLarge):
+        message = f"request body over {MAX_BODY_BYTES} bytes: send fewer tasks per request"
+        return _json({"error": {"type": "too_large", "message": message}}, 413)
+    return _json({"error": {"type": "bad_request", "message": str(exc)}}, 400)
 
 
 def _status(exc: SubmitError) -> int:
@@ -59,8 +79,14 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
     """The Starlette app serving `orchestrator`."""
 
     async def submit(request: Request) -> Response:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise _TooLarge
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise _TooLarge
         try:
-            decoded = _tasks_decoder.decode(await request.body())
+            decoded = _tasks_decoder.decode(body)
         except (msgspec.DecodeError, RecursionError) as exc:
             return _json({"error": {"type": "invalid_task", "message": str(exc)}}, 400)
         tasks = decoded if isinstance(decoded, list) else [decoded]
@@ -72,13 +98,13 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
                 submitted, results = await orchestrator.submit_many(tasks), {}
         except SubmitError as exc:
             return _json({"error": {"type": exc.type_name, "message": str(exc)}}, _status(exc))
-        body = {
+        answer = {
             "submitted": [
                 {"id": s.task_id, "subject": s.subject, "duplicate": s.duplicate} for s in submitted
             ],
             "results": [msgspec.to_builtins(r) for r in results.values()],
         }
-        return _json(body, 202 if len(results) < len(tasks) else 200)
+        return _json(answer, 202 if len(results) < len({t.id for t in tasks}) else 200)
 
     async def result(request: Request) -> Response:
         task_id = request.path_params["task_id"]
@@ -106,6 +132,7 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
         return _json(body, 200 if connected else 503)
 
     return Starlette(
+        exception_handlers={_BadRequest: _refuse, _TooLarge: _refuse},
         routes=[
             Route("/tasks", submit, methods=["POST"]),
             Route("/results/{task_id}", result, methods=["GET"]),
@@ -113,5 +140,5 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
             Route("/health", health, methods=["GET"]),
             # /status, /metrics and /dashboard: the operator's view.
             *operator_routes(orchestrator),
-        ]
+        ],
     )

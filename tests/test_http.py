@@ -59,6 +59,10 @@ async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
             assert huge.status_code == 413
             assert "over the server's max_payload" in huge.json()["error"]["message"]
 
+            bad_wait = await http.get("/results/h-1?wait=soon")
+            assert bad_wait.status_code == 400
+            assert "wait='soon' is not a number" in bad_wait.json()["error"]["message"]
+
             wildcard = await http.get("/results/*")
             assert wildcard.status_code == 400
             assert "is not a task id" in wildcard.json()["error"]["message"]

@@ -12,6 +12,8 @@ from mesh.server import EmbeddedServer
 if TYPE_CHECKING:
     from pathlib import Path
 
+pytestmark = pytest.mark.anyio
+
 
 def test_a_second_server_on_the_same_store_is_refused(tmp_path: Path) -> None:
     with EmbeddedServer(tmp_path / "store"):
@@ -27,3 +29,21 @@ def test_starting_leaves_no_ports_folder_behind(tmp_path: Path) -> None:
         ports_dir = server._ports_dir
     assert ports_dir
     assert not (tmp_path / ports_dir).exists()
+
+
+async def test_wrong_credentials_are_named_and_never_shown(tmp_path: Path) -> None:
+    from mesh.connection import ConnectionSettings, connect
+
+    config = tmp_path / "auth.conf"
+    store = tmp_path / "store"
+    config.write_text(
+        f'listen: 127.0.0.1:-1\njetstream {{ store_dir: "{store}" }}\n'
+        'authorization { user: a, password: "correct-horse-battery" }\n'
+    )
+    with EmbeddedServer(store, config_file=config) as server:
+        settings = ConnectionSettings(
+            servers=(server.url,), user="a", password="wrong-secret-xyz", connect_attempts=1
+        )
+        with pytest.raises(ConfigError, match="refused our credentials") as refused:
+            await connect(settings)
+    assert "wrong-secret-xyz" not in str(refused.value)
