@@ -246,6 +246,7 @@ class _TracedBackend:
         self.name = backend.name
         self.models = backend.models
         self.default_concurrency = backend.default_concurrency
+        self.costly = backend.costly
 
     async def __aenter__(self) -> Self:
         await self._backend.__aenter__()

@@ -38,11 +38,9 @@ def worker_settings_from(
             f"--concurrency {concurrency}: use 1 or more (0 or unset: the backend's default)"
         )
     topology = topology_from_env(env)
-    grace_s = args.grace_s if args.grace_s is not None else env_float(env, "D8_GRACE_S", 30.0)
-    timeout_s = (
-        args.timeout_s
-        if args.timeout_s is not None
-        else env_float(env, "D8_BACKEND_TIMEOUT_S", 600.0, minimum=1)
+    grace_s = _seconds(args.grace_s, "--grace-s", env, "D8_GRACE_S", 30.0, minimum=0)
+    timeout_s = _seconds(
+        args.timeout_s, "--timeout-s", env, "D8_BACKEND_TIMEOUT_S", 600.0, minimum=1
     )
     return WorkerSettings(
         backend=args.backend,
@@ -65,6 +63,25 @@ def worker_settings_from(
         topology=topology,
         connection=ConnectionSettings.from_env(env, name=f"d8-worker-{args.backend}"),
     )
+
+
+def _seconds(
+    flag_value: float | None,
+    flag: str,
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    minimum: float,
+) -> float:
+    """A duration from its flag, else from `name` in `env`; either way at least `minimum`."""
+    if flag_value is None:
+        return env_float(env, name, default, minimum=minimum)
+    if flag_value < minimum:
+        raise ConfigError(
+            f"{flag} {flag_value:g} is below {minimum:g}; use for example {default:g}"
+        )
+    return flag_value
 
 
 def _rpm(args: argparse.Namespace, env: Mapping[str, str]) -> float | None:

@@ -113,3 +113,18 @@ def test_rpm_comes_from_the_flag_or_d8_rpm(
 def test_a_negative_rpm_is_refused() -> None:
     with pytest.raises(ConfigError, match="--rpm -1: use a positive number"):
         worker_settings_from(_args(rpm=-1.0), {})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "message"),
+    [
+        ({"grace_s": -1.0}, {}, "--grace-s -1 is below 0"),
+        ({"timeout_s": 0.0}, {}, "--timeout-s 0 is below 1"),
+        ({}, {"D8_GRACE_S": "-5"}, "D8_GRACE_S=-5 is below 0"),
+    ],
+)
+def test_a_negative_duration_is_refused(
+    overrides: dict[str, float], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        worker_settings_from(_args(**overrides), env)
