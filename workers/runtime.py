@@ -31,6 +31,7 @@ from mesh.topology import (
     ANY_MODEL,
     DEFAULT_KIND,
     TASKS_STREAM,
+    WORKERS_BUCKET,
     Capability,
     TopologySettings,
     declare_capability,
@@ -118,6 +119,7 @@ class Worker:
         self._startable: asyncio.Queue[Msg] = asyncio.Queue()
         self._pullers: list[Puller] = []
         self._ack_wait_s = settings.topology.ack_wait_s
+        self._beat_s = settings.topology.heartbeat_interval_s
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._runner: TaskRunner | None = None
@@ -159,6 +161,7 @@ class Worker:
     async def _serve(self, nc: NATS) -> None:
         js = self._js = jetstream(nc, self.settings.connection)
         await declare_topology(js, self.settings.topology, update=False)
+        self._beat_s = await self._heartbeat_interval(js)
         ack_waits, max_delivers = [], []
         for capability in self.capabilities:
             config = await declare_capability(js, capability, self.settings.topology, update=False)
@@ -383,7 +386,28 @@ class Worker:
                 await self._nc.publish(subject, encode(self.heartbeat()))
             except Exception as exc:  # a missed beat is logged; the next one may pass
                 logger.warning("heartbeat failed worker_id=%s error=%s", self.worker_id, exc)
-            await anyio.sleep(self.settings.topology.heartbeat_interval_s)
+            await anyio.sleep(self._beat_s)
+
+    async def _heartbeat_interval(self, js: JetStreamContext) -> float:
+        """How often to beat: as configured, unless the `workers` bucket forgets sooner.
+
+        Whoever created the bucket set its TTL; a worker told to beat less often than a third
+        of it would vanish between its own beats and come back, and routing would flap.
+        """
+        own = self.settings.topology.heartbeat_interval_s
+        info = await js.stream_info(f"KV_{WORKERS_BUCKET}")
+        ttl = info.config.max_age or 0.0
+        if ttl <= 0 or own <= ttl / 3:
+            return own
+        logger.warning(
+            "heartbeat every %.3gs, not %.3gs: the %s bucket keeps a heartbeat %.3gs "
+            "(D8_HEARTBEAT_S of whoever created it)",
+            ttl / 3,
+            own,
+            WORKERS_BUCKET,
+            ttl,
+        )
+        return ttl / 3
 
     def _notify(self) -> None:
         self._changed.set()

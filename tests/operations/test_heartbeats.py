@@ -132,3 +132,21 @@ async def test_a_killed_worker_is_noticed_within_ttl_plus_one_interval(
     # The server's delete marker on expiry, not a poll and not the worker's own goodbye.
     assert "worker gone worker_id=doomed reason=PURGE" in caplog.text
     assert left == []
+
+
+async def test_a_worker_told_to_beat_slower_than_the_bucket_forgets_beats_fast_enough(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The orchestrator created the bucket for 1 s beats (a 3 s TTL); this worker was told 5 s.
+    slow = TopologySettings(heartbeat_interval_s=5.0)
+    caplog.set_level(logging.WARNING)
+    async with (
+        orchestrator_for(nats_url) as orch,
+        running_worker(worker_settings(nats_url, worker_id="slow", topology=slow)),
+    ):
+        await poll_until(lambda: "slow" in orch.workers, what="first beat")
+        first = orch.workers["slow"].sent_at
+        # A second beat within one TTL, and the worker never dropped out in between.
+        await poll_until(lambda: orch.workers["slow"].sent_at > first, timeout_s=3, what="beat")
+    assert "heartbeat every 1s, not 5s" in caplog.text
+    assert "worker gone worker_id=slow reason=PURGE" not in caplog.text
