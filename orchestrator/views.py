@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import anyio
@@ -165,9 +166,16 @@ async def watch_command(args: argparse.Namespace) -> int:
     collector = StatusCollector(js)
     drawn = 0
     try:
-        with Live(console=console, auto_refresh=False, screen=False) as live:
+        # Redrawn in place on a terminal; piped or logged, each snapshot follows the last.
+        live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+        with live or nullcontext():
             while args.count <= 0 or drawn < args.count:
-                live.update(status_view(await _collect(collector)), refresh=True)
+                view = status_view(await _collect(collector))
+                if live is not None:
+                    live.update(view, refresh=True)
+                else:
+                    console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                    console.print(view)
                 drawn += 1
                 if args.count <= 0 or drawn < args.count:
                     await anyio.sleep(args.interval_s)

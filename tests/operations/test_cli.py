@@ -71,6 +71,8 @@ async def test_status_watch_and_workers_print_live_tables(nats_url: str, tmp_pat
     assert cells[:6] == ["chat/parked", "0", "5", "0", "0", "0"], parked
     assert "1 live worker(s), 5 task(s) stored in TASKS, 0 dead letter(s)" in status.stdout
     assert watch.returncode == 0 and "chat/parked" in watch.stdout, watch.stderr
+    # Piped, each redraw is printed in full as it is taken, not once at the end.
+    assert watch.stdout.count("chat/parked") == 2, watch.stdout
     assert workers.returncode == 0 and "cli-pi" in workers.stdout and "last beat" in workers.stdout
     assert 'd8_worker_completed{backend="echo",worker_id="cli-pi"} 1.0' in metrics
     assert 'd8_worker_concurrency{backend="echo",worker_id="cli-pi"}' in metrics
