@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -136,16 +137,41 @@ class ConnectionSettings:
         return {key: value for key, value in options.items() if value is not None}
 
 
+class RepeatedErrors:
+    """Lets an error message through once per `every_s` while it keeps coming."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._last: str | None = None
+        self._logged_at = 0.0
+        self._muted = 0
+
+    def muted(self, text: str, now: float) -> int | None:
+        """None to stay quiet; else how many of the same were kept quiet since it was shown."""
+        if text == self._last and now - self._logged_at < self.every_s:
+            self._muted += 1
+            return None
+        muted = self._muted if text == self._last else 0
+        self._last, self._logged_at, self._muted = text, now, 0
+        return muted
+
+
 async def connect(settings: ConnectionSettings, **callbacks: Any) -> NATS:
     """Connect with the mesh's reconnect policy; callbacks default to logging."""
     shown = ",".join(redact_url(u) for u in settings.servers)
 
     refused: list[str] = []
+    repeats = RepeatedErrors()
 
     async def on_error(exc: Exception) -> None:
-        if "authorization violation" in str(exc).lower():
-            refused.append(str(exc))
-        logger.warning("nats error name=%s error=%s", settings.name, exc)
+        text = str(exc) or type(exc).__name__
+        if "authorization violation" in text.lower():
+            refused.append(text)
+        # While the server is away each reconnect attempt (twice a second) fails the same way.
+        if (muted := repeats.muted(text, time.monotonic())) is None:
+            return
+        again = f" (and {muted} times more)" if muted else ""
+        logger.warning("nats error name=%s error=%s%s", settings.name, text, again)
 
     async def on_disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
@@ -202,5 +228,9 @@ async def close_quietly(nc: NATS, drain_timeout_s: float = 5.0) -> None:
     except NATS_ERRORS as exc:
         logger.warning("nats drain failed, closing error=%r", exc)
     if not nc.is_closed:
-        with anyio.move_on_after(2, shield=True):
-            await nc.close()
+        try:
+            with anyio.move_on_after(2, shield=True):
+                await nc.close()
+        except NATS_ERRORS as exc:
+            # Flushing what was buffered for a server that went away; nothing left to save.
+            logger.warning("nats close failed error=%r", exc)

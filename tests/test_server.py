@@ -47,3 +47,16 @@ async def test_wrong_credentials_are_named_and_never_shown(tmp_path: Path) -> No
         with pytest.raises(ConfigError, match="refused our credentials") as refused:
             await connect(settings)
     assert "wrong-secret-xyz" not in str(refused.value)
+
+
+def test_an_error_that_keeps_coming_is_logged_once_a_minute_with_a_count() -> None:
+    from mesh.connection import RepeatedErrors
+
+    repeats = RepeatedErrors(every_s=60)
+    refused = "Connect call failed ('127.0.0.1', 4222)"
+    # Reconnect attempts twice a second while the server is away.
+    shown = [repeats.muted(refused, 0.5 * i) for i in range(130)]
+    assert [(i, n) for i, n in enumerate(shown) if n is not None] == [(0, 0), (120, 119)]
+    # Another error is shown at once, and so is the first one when it comes back.
+    assert repeats.muted("Stale Connection", 65.0) == 0
+    assert repeats.muted(refused, 65.5) == 0

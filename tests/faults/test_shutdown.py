@@ -17,6 +17,7 @@ from tests.helpers import orchestrator_for, poll_until
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from mesh.server import EmbeddedServer
     from orchestrator.core import Orchestrator
 
 
@@ -73,3 +74,23 @@ async def test_sigterm_hands_back_unfinished_tasks_at_once(nats_url: str, tmp_pa
     }
     # Handed back by a nak, not by the lease running out: well inside the 60 s ack wait.
     assert ledger.results["long"].finished_at - sigterm_at < 30
+
+
+async def test_sigterm_while_the_server_is_gone_exits_cleanly(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    topology = fault_topology(ack_wait_s=60.0)
+    async with orchestrator_for(nats_server.url, topology=topology) as orch:
+        worker = await start_worker(orch, nats_server.url, "orphan", tmp_path, topology)
+        try:
+            nats_server.kill()
+            await poll_until(lambda: "nats disconnected" in worker.log(), what="the worker to see")
+            worker.process.send_signal(signal.SIGTERM)
+            code = await anyio.to_thread.run_sync(worker.process.wait, 30)
+        finally:
+            worker.stop()
+    log = worker.log()
+    assert code == 0, log
+    assert "Traceback" not in log and "worker stopped worker_id=orphan" in log, log
+    # Reconnect attempts twice a second, but the refusal is logged once.
+    assert log.count("Connect call failed") <= 1, log
