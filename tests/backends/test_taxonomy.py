@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from mesh.contract import Task
+from mesh.contract import Result, Task
 from mesh.results import DeadLetter
-from mesh.topology import DEAD_STREAM, TASKS_STREAM, Capability, chunk_subject
+from mesh.topology import DEAD_STREAM, TASKS_STREAM, Capability, TopologySettings, chunk_subject
 from tests.fakes._server import bad_request, blocked, empty, hang, rate_limited, server_error
 from tests.helpers import orchestrator_for, poll_until, running_worker
 
@@ -238,6 +238,32 @@ async def test_an_empty_answer_is_reported_not_retried(
         assert result.status == "error" and result.error is not None
         assert result.error.type == "empty_answer"
     assert len(provider.fake.calls_for("say nothing")) == 1
+
+
+async def test_an_id_reused_after_the_window_is_answered_from_the_store(
+    provider: Provider, nats_url: str
+) -> None:
+    # The second call would hang for a minute: only the stored result can end it in time.
+    provider.fake.plan("SECOND", hang())
+    topology = TopologySettings(heartbeat_interval_s=1.0, duplicate_window_s=1.0)
+    settings = provider.settings(nats_url, timeout_s=60, topology=topology)
+    async with (
+        orchestrator_for(nats_url, topology=topology) as orch,
+        running_worker(settings) as worker,
+    ):
+        _, first = await orch.run([Task(id="reuse-1", prompt="FIRST")], timeout_s=10)
+
+        async def run_anew() -> Result | None:
+            # Within the window the submit is dropped as a duplicate: harmless to repeat.
+            submitted, results = await orch.run([Task(id="reuse-1", prompt="SECOND")], 5)
+            return None if submitted[0].duplicate else results.get("reuse-1")
+
+        again = await poll_until(run_anew, timeout_s=20, interval_s=0.2, what="a run anew")
+        await poll_until(lambda: worker.in_flight == 0, what="the worker to let go")
+        await poll_until(lambda: _messages_are(orch.js, TASKS_STREAM, 0), what="the ack")
+
+    assert again == first["reuse-1"]
+    assert provider.fake.calls_for("SECOND") == [], "no call is made for a stored result"
 
 
 async def _assert_dead_lettered(js: JetStreamContext, task_id: str, error_type: str) -> None:
