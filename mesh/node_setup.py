@@ -201,8 +201,22 @@ Ask = Callable[[str, bool], str]
 Run = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
+#: A check (`docker info`) answers in seconds; a start may wait for a model download.
+CHECK_TIMEOUT_S = 120.0
+# `docker compose up -d` waits for the ollama-pull service, which downloads the model:
+# 3.8 GB for a 6.7B model is over an hour on a 5 Mbit/s line.
+START_TIMEOUT_S = 4 * 3600.0
+
+
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, check=False
+    )
+
+
+def _start(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a start command with its output on the terminal, so a model pull shows progress."""
+    return subprocess.run(command, text=True, timeout=START_TIMEOUT_S, check=False)
 
 
 def check_docker(run: Run = _run) -> str | None:
@@ -383,7 +397,9 @@ def _start_commands(options: SetupOptions, report: SetupReport, env_file: Path, 
         )
 
 
-def run_setup(options: SetupOptions, ask: Ask | None = None, run: Run = _run) -> SetupReport:
+def run_setup(
+    options: SetupOptions, ask: Ask | None = None, run: Run = _run, start: Run = _start
+) -> SetupReport:
     """Detect, decide, write `.env`, then start the profile or install the unit."""
     if options.profile not in PROFILES:
         raise ConfigError(
@@ -395,7 +411,17 @@ def run_setup(options: SetupOptions, ask: Ask | None = None, run: Run = _run) ->
     env_file = _write_env(options, report, ask)
     _start_commands(options, report, env_file, run)
     for command in report.commands:
-        done = run(command)
+        shown = " ".join(command)
+        try:
+            done = start(command)
+        except subprocess.TimeoutExpired:
+            raise ConfigError(
+                f"`{shown}` was still running after {START_TIMEOUT_S / 3600:.0f} h and was "
+                "stopped; see `docker compose logs ollama-pull`, then run setup again"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"`{shown}` could not run: {exc}") from None
         if done.returncode != 0:
-            raise ConfigError(f"`{' '.join(command)}` failed: {done.stderr.strip()[-500:]}")
+            why = (done.stderr or "").strip()[-500:] or "its output is above"
+            raise ConfigError(f"`{shown}` failed with exit code {done.returncode}: {why}")
     return report

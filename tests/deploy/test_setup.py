@@ -225,6 +225,29 @@ def test_start_runs_compose_through_docker(tmp_path: Path, monkeypatch: pytest.M
     assert calls.read_text().splitlines()[-1].startswith("compose -f ")
 
 
+def test_a_start_that_fails_or_outlasts_its_limit_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = fake_root(tmp_path, "pi4-8gb")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    # `docker info` and `compose version` answer; `compose ... up` fails with exit code 3.
+    docker = bin_dir / "docker"
+    docker.write_text('#!/bin/sh\ncase "$*" in *" up -d") exit 3;; esac\n')
+    docker.chmod(0o755)
+    given = {"D8_LEAF_PASSWORD": "leaf-secret-0123456789"}
+    options = _options(tmp_path, root, "worker-ollama", hub="hub.lan", given=given, start=True)
+    with pytest.raises(ConfigError, match=r"up -d` failed with exit code 3: its output is above"):
+        run_setup(options)
+
+    def outlasting(command: list[str]) -> subprocess.CompletedProcess[str]:
+        raise subprocess.TimeoutExpired(command, 14400)
+
+    with pytest.raises(ConfigError, match=r"still running after 4 h .* logs ollama-pull"):
+        run_setup(options, start=outlasting)
+
+
 def test_cli_prints_no_secret(tmp_path: Path) -> None:
     root = fake_root(tmp_path, "pi4-4gb")
     env_file = tmp_path / "cli.env"
