@@ -234,9 +234,6 @@ class Router:
         Each moved task is published before the original is acked, so a crash in between
         leaves a copy in both queues, never in neither; the result is still written once.
         """
-        # LIMITATION: pulling needs `$JS.API.CONSUMER.MSG.NEXT.TASKS.*` and `$JS.ACK.TASKS.>`,
-        # which deploy/nats/permissions.conf does not give the orchestrator; with those
-        # permissions only new tasks follow the chain, and a warning says why queued ones stay.
         js = self._orchestrator.js
         pending, in_flight = await _queued(js, source)
         if not (pending or in_flight):

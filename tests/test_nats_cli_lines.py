@@ -20,11 +20,11 @@ from tests.helpers import ROOT, orchestrator_for, poll_until, running_worker, wo
 
 pytestmark = pytest.mark.anyio
 
-DOCUMENTS = ["README.md", "docs/protocol.md", "docs/reliability.md"]
+DOCUMENTS = ["README.md", "docs/protocol.md", "docs/reliability.md", "docs/backends.md"]
 
 #: CLI pattern -> the API call it makes (checked in test_documented_commands_work).
 KNOWN = {
-    r"nats sub (_INBOX\.\S+|chunks\.\S+|'?results\.\S+)": "core SUB on the subject",
+    r"nats sub (_INBOX\.\S+|'?chunks\.\S+|'?results\.\S+)": "core SUB on the subject",
     r"nats pub tasks\.chat\.\S+ '.+' -H Nats-Msg-Id:\S+": "core PUB with header",
     r"nats req tasks\.chat\.\S+ '.+' -H Nats-Msg-Id:\S+": "request; the reply is the PubAck",
     r"nats kv get (results|workers) \S+": "$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>",
@@ -33,7 +33,7 @@ KNOWN = {
     r"nats stream info (TASKS|DEAD)": "$JS.API.STREAM.INFO.<stream>",
     r"nats stream get (TASKS|DEAD) \d+": "$JS.API.STREAM.MSG.GET.<stream>",
     r"nats stream view (TASKS|DEAD)": "direct gets on the stream",
-    r"nats consumer ls TASKS": "$JS.API.CONSUMER.LIST.TASKS",
+    r"nats consumer ls TASKS": "$JS.API.CONSUMER.NAMES.TASKS, then CONSUMER.LIST.TASKS",
     r"nats consumer info TASKS \S+": "$JS.API.CONSUMER.INFO.TASKS.<consumer>",
 }
 
@@ -42,11 +42,12 @@ def _documented_lines() -> list[str]:
     lines = []
     for name in DOCUMENTS:
         for line in (ROOT / name).read_text().splitlines():
-            found = re.search(
-                r"(?:^|`)(nats (?:sub|pub|req|kv|stream|consumer) [^`#&]+)", line.strip()
-            )
-            if found:
-                lines.append(found.group(1).strip())
+            lines += [
+                found.group(1).strip()
+                for found in re.finditer(
+                    r"(?:^|`)(nats (?:sub|pub|req|kv|stream|consumer) [^`#&]+)", line.strip()
+                )
+            ]
     return lines
 
 
@@ -119,6 +120,8 @@ async def _check_queue_views(nc: nats.NATS, worker_id: str) -> None:
     # nats stream info TASKS: empty once every task is acked
     await poll_until(lambda: _messages(js, TASKS_STREAM, 0), what="TASKS to drain")
     # nats consumer ls TASKS ; nats consumer info TASKS chat-any
+    names = json.loads((await nc.request(f"$JS.API.CONSUMER.NAMES.{TASKS_STREAM}", b"{}")).data)
+    assert names["consumers"] == ["chat-any", "chat-echo"]
     assert [c.name for c in await js.consumers_info(TASKS_STREAM)] == ["chat-any", "chat-echo"]
     assert (await js.consumer_info(TASKS_STREAM, "chat-any")).num_ack_pending == 0
     # nats kv ls results ; nats kv ls workers

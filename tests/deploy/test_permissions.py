@@ -7,10 +7,12 @@ refused: the server answers a denied publish or subscription with a permissions 
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import nats
+import nats.js.errors
 import pytest
 from nats.js.api import KeyValueConfig
 
@@ -151,6 +153,53 @@ async def test_role_is_refused(hub: EmbeddedServer, role: str, kind: str, subjec
         await nc.close()
     # nats-py lowercases the server's message.
     assert subject.lower() in violation[0]
+
+
+# The JetStream API calls of the read-only `nats` lines in the docs, which the client
+# login must be allowed: (subject, request body, a key of the JSON answer).
+CLIENT_CLI_CALLS = [
+    ("$JS.API.STREAM.INFO.TASKS", b"", "state"),  # nats stream info TASKS
+    ("$JS.API.CONSUMER.NAMES.TASKS", b"{}", "consumers"),  # nats consumer ls TASKS
+    ("$JS.API.CONSUMER.LIST.TASKS", b"{}", "consumers"),
+    ("$JS.API.CONSUMER.INFO.TASKS.chat-any", b"", "num_pending"),  # nats consumer info
+    ("$JS.API.STREAM.INFO.DEAD", b"", "state"),  # nats stream info DEAD
+    ("$JS.API.STREAM.MSG.GET.DEAD", b'{"seq": 1}', "error"),  # nats stream get DEAD 1
+    ("$JS.API.STREAM.INFO.KV_results", b"", "config"),  # nats kv info results
+    ("$JS.API.STREAM.INFO.KV_workers", b"", "config"),  # nats kv info workers
+]
+
+
+@pytest.mark.parametrize(("subject", "body", "key"), CLIENT_CLI_CALLS)
+async def test_client_may_make_the_documented_nats_calls(
+    hub: EmbeddedServer, subject: str, body: bytes, key: str
+) -> None:
+    errors: list[str] = []
+    nc = await _connect(hub.url, "client", errors)
+    try:
+        reply = await nc.request(subject, body, timeout=5)
+    finally:
+        await nc.close()
+    # DEAD is empty here: "no message found" is an answer, where a denial is none at all.
+    assert key in json.loads(reply.data), reply.data
+    assert not errors
+
+
+async def test_client_may_list_and_read_buckets_and_view_tasks(hub: EmbeddedServer) -> None:
+    errors: list[str] = []
+    nc = await _connect(hub.url, "client", errors)
+    try:
+        js = nc.jetstream(timeout=5)
+        await js.publish("tasks.chat.any", b'{"id": "cli-view", "prompt": "x"}')
+        # nats kv ls results / nats kv get results ID
+        results = await js.key_value("results")
+        with pytest.raises(nats.js.errors.NoKeysError):
+            await results.keys()
+        # nats stream view TASKS reads a work-queue stream with direct gets
+        viewed = await js.get_msg(TASKS_STREAM, subject="tasks.chat.any", direct=True)
+        assert json.loads(viewed.data)["id"] == "cli-view"
+    finally:
+        await nc.close()
+    assert not errors
 
 
 async def test_worker_cannot_create_what_is_missing(hub: EmbeddedServer) -> None:

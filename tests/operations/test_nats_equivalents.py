@@ -8,6 +8,7 @@ the page fails `test_every_nats_line_in_operations_md_is_known` until it gets a 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 
@@ -34,7 +35,7 @@ KNOWN = {
     r"nats kv get workers \S+": "$JS.API.DIRECT.GET.KV_workers.$KV.workers.<key>",
     r"nats kv watch workers": "ordered consumer on $KV.workers.>",
     r"nats kv info workers": "$JS.API.STREAM.INFO.KV_workers",
-    r"nats consumer ls TASKS": "$JS.API.CONSUMER.LIST.TASKS",
+    r"nats consumer ls TASKS": "$JS.API.CONSUMER.NAMES.TASKS, then CONSUMER.LIST.TASKS",
     r"nats consumer report TASKS": "$JS.API.CONSUMER.LIST.TASKS",
     r"nats consumer info TASKS \S+": "$JS.API.CONSUMER.INFO.TASKS.<consumer>",
     r"nats stream info TASKS": "$JS.API.STREAM.INFO.TASKS",
@@ -47,9 +48,8 @@ KNOWN = {
 def _documented_lines() -> list[str]:
     lines = []
     for line in DOCUMENT.read_text().splitlines():
-        found = re.search(r"(?:^|`)(nats (?:kv|stream|consumer|sub|pub|req) [^`#&]+)", line.strip())
-        if found:
-            lines.append(found.group(1).strip())
+        pattern = r"(?:^|`)(nats (?:kv|stream|consumer|sub|pub|req) [^`#&]+)"
+        lines += [found.group(1).strip() for found in re.finditer(pattern, line.strip())]
     return lines
 
 
@@ -83,7 +83,7 @@ async def test_the_documented_api_calls_agree_with_d8_status(nats_url: str) -> N
 
             snapshot = await StatusCollector(js).collect()
             await _check_workers(js, snapshot)
-            await _check_queues(js, snapshot)
+            await _check_queues(nc, snapshot)
             await _check_dead_letters(js, snapshot)
         finally:
             await nc.close()
@@ -108,9 +108,12 @@ async def _check_workers(js: nats.js.JetStreamContext, snapshot: StatusSnapshot)
     assert config.subject_delete_marker_ttl == pytest.approx(1.0)
 
 
-async def _check_queues(js: nats.js.JetStreamContext, snapshot: StatusSnapshot) -> None:
+async def _check_queues(nc: nats.NATS, snapshot: StatusSnapshot) -> None:
+    js = nc.jetstream()
     queues = {q.consumer: q for q in snapshot.queues}
     # nats consumer ls TASKS ; nats consumer report TASKS
+    names = await nc.request(f"$JS.API.CONSUMER.NAMES.{TASKS_STREAM}", b"{}")
+    assert sorted(json.loads(names.data)["consumers"]) == ["chat-any", CONSUMER]
     listed = await js.consumers_info(TASKS_STREAM)
     assert sorted(c.name for c in listed) == sorted(queues) == ["chat-any", CONSUMER]
     for info in listed:
