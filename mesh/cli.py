@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from mesh.errors import ConfigError, MeshError
+from mesh.logs import LEVELS
 
 __all__ = ["main"]
 
@@ -101,6 +102,7 @@ async def _cmd_orchestrator(args: argparse.Namespace) -> int:
 
 
 async def _cmd_up(args: argparse.Namespace) -> int:
+    from mesh.connection import redact_url
     from orchestrator.core import Orchestrator
     from orchestrator.launch import mesh_running, orchestrator_settings, serve_http
 
@@ -110,10 +112,14 @@ async def _cmd_up(args: argparse.Namespace) -> int:
             async with anyio.create_task_group() as group:
                 group.start_soon(_until_signal, stop.set)
                 group.start_soon(serve_http, orchestrator, args.http_host, args.http_port, stop)
+                url = mesh.connection.servers[0]
+                shown = redact_url(url)
+                # A URL with credentials in it is the user's own NATS_URL: never echo them.
+                export = f"export NATS_URL={url}" if shown == url else "use the same NATS_URL"
                 print(
-                    f"d8 mesh up: NATS {mesh.connection.servers[0]}, {args.workers} {mesh.backend} "
+                    f"d8 mesh up: NATS {shown}, {args.workers} {mesh.backend} "
                     f"worker(s), HTTP http://{args.http_host}:{args.http_port}. Ctrl-C stops it.\n"
-                    f"In another shell: export NATS_URL={mesh.connection.servers[0]}, then "
+                    f"In another shell: {export}, then "
                     "d8 submit, d8 status, d8 workers, or nats --server $NATS_URL ...",
                     flush=True,
                 )
@@ -226,7 +232,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d8", description="d8-mesh: LLM tasks over a NATS JetStream mesh"
     )
-    parser.add_argument("--log-level", default=os.environ.get("D8_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default=os.environ.get("D8_LOG_LEVEL", "info").lower(),
+    )
     parser.add_argument(
         "--log-json", action="store_true", default=os.environ.get("D8_LOG_JSON") == "1"
     )
@@ -320,7 +331,10 @@ async def _unwrapped(run: Command, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `d8` console command."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.log_level not in LEVELS:
+        parser.error(f"D8_LOG_LEVEL={args.log_level!r}: choose one of {', '.join(LEVELS)}")
     from mesh.logs import configure_logging
 
     configure_logging(args.log_level, json_lines=args.log_json)

@@ -4,10 +4,46 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
-__all__ = ["configure_logging"]
+__all__ = ["LEVELS", "SECRET_VARIABLES", "configure_logging", "secret_values"]
+
+LEVELS = ("debug", "info", "warning", "error")
+
+#: Variables whose values are secrets wherever they turn up: log lines, errors, results.
+SECRET_VARIABLES = (
+    "GROQ_API_KEY",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "OPENAI_API_KEY",
+    "OLLAMA_API_KEY",
+    "NATS_PASSWORD",
+    "NATS_TOKEN",
+)
+
+
+def secret_values() -> list[str]:
+    """The values of the `SECRET_VARIABLES` that are set, longest first."""
+    values = {os.environ.get(name) for name in SECRET_VARIABLES}
+    return sorted((v for v in values if v), key=len, reverse=True)
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Another formatter's lines with every secret value replaced by `***`: a traceback or a
+    library's message that quotes a key is still safe to ship."""
+
+    def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self._inner.format(record)
+        for secret in self._secrets:
+            line = line.replace(secret, "***")
+        return line
 
 
 class _JsonFormatter(logging.Formatter):
@@ -40,14 +76,16 @@ class _JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "info", *, json_lines: bool = False) -> None:
     """Send logs to stderr; only the CLI calls this."""
     handler = logging.StreamHandler(sys.stderr)
+    formatter: logging.Formatter
     if json_lines:
-        handler.setFormatter(_JsonFormatter())
+        formatter = _JsonFormatter()
     else:
         formatter = logging.Formatter(
             "%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"
         )
         formatter.converter = time.gmtime
-        handler.setFormatter(formatter)
+    secrets = secret_values()
+    handler.setFormatter(_RedactingFormatter(formatter, secrets) if secrets else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 import msgspec
 
+from mesh.connection import redact_url
 from mesh.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ async def _run(
 ) -> int:
     async with mesh_running(workers=workers, backend=backend, store_dir=store) as mesh:
         async with Orchestrator(orchestrator_settings(mesh.connection)) as orchestrator:
-            url = mesh.connection.servers[0]
+            url = redact_url(mesh.connection.servers[0])
             console.print(f"mesh up: NATS {url}, starting {workers} {mesh.backend} workers")
             await _wait_for_workers(orchestrator, workers)
             started = time.perf_counter()

@@ -100,6 +100,51 @@ def test_d8_up_serves_submit_result_and_workers(tmp_path: Path) -> None:
     assert code == 0, log.read_text()[-2000:]
 
 
+def test_the_demo_runs_the_example_workload_to_its_last_line() -> None:
+    # What `make demo` runs, on a machine with no Ollama and no NATS_URL.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OLLAMA_HOST": f"127.0.0.1:{_free_port()}"}
+    env.pop("NATS_URL", None)
+    done = _d8("demo", "examples/d8-workload.jsonl", env=env, timeout_s=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "56/56 tasks ok", done.stdout[-2000:]
+    assert "nats stream info TASKS" in done.stdout
+
+
+def test_a_bad_log_level_is_refused_with_the_choices() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "D8_LOG_LEVEL": "loud"}
+    done = _d8("workers", env=env, timeout_s=30)
+    assert done.returncode == 2
+    assert "D8_LOG_LEVEL='loud': choose one of debug, info, warning, error" in done.stderr
+
+
+def test_log_lines_never_show_a_secret(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from mesh.logs import configure_logging
+
+    monkeypatch.setenv("GROQ_API_KEY", "gsk_secret_0123456789")
+    monkeypatch.setenv("NATS_PASSWORD", "nats-pass-9876")
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        for json_lines in (False, True):
+            configure_logging("info", json_lines=json_lines)
+            try:
+                raise RuntimeError("provider said: bad key gsk_secret_0123456789")
+            except RuntimeError:
+                logging.getLogger("test").exception("call failed password=%s", "nats-pass-9876")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert err.count("call failed") == 2
+    assert "gsk_secret" not in err and "nats-pass" not in err
+    assert err.count("***") >= 4
+
+
 def test_submit_refuses_a_bad_jsonl_file_before_sending_anything(tmp_path: Path) -> None:
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"id": "ok-1", "prompt": "fine"}\n{"id": "bad 2", "prompt": "x"}\n')

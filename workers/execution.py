@@ -37,6 +37,7 @@ from mesh.topology import (
     model_token,
     stored_result_subject,
 )
+from workers.backends._errors import redact
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -178,7 +179,7 @@ class TaskRunner:
         except Exception as exc:
             logger.exception("backend failed unexpectedly task_id=%s attempt=%d", task.id, attempt)
             return await self._retry_later(
-                msg, base, RetryableError(f"{type(exc).__name__}: {exc}")
+                msg, base, RetryableError(redact(f"{type(exc).__name__}: {exc}"))
             )
 
         if generation is None:

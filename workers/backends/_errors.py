@@ -21,6 +21,7 @@ from mesh.errors import (
     TransientError,
     WorkerFatalError,
 )
+from mesh.logs import secret_values
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -74,8 +75,9 @@ def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
 
 
 def redact(text: str, *secrets: str | None) -> str:
-    """`text` cut to a readable length, with every given secret replaced by `***`."""
-    for secret in secrets:
+    """`text` cut to a readable length, with every given secret, and the value of every
+    `SECRET_VARIABLES` variable, replaced by `***`."""
+    for secret in (*secrets, *secret_values()):
         if secret:
             text = text.replace(secret, "***")
     flat = " ".join(text.split())

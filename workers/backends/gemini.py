@@ -1,8 +1,8 @@
 """Google Gemini through `google-genai` (the maintained SDK), with an explicit timeout.
 
 The SDK makes one attempt per call unless told otherwise, and it has no timeout of its own,
-so the worker gives it one. Its async client switches to aiohttp when aiohttp is installed,
-and then silently retries a dropped connection once; keep aiohttp out of worker images.
+so the worker gives it one. It is held to httpx: where aiohttp is installed the SDK would
+switch to it, and then silently retry a dropped connection once.
 """
 
 from __future__ import annotations
@@ -91,7 +91,14 @@ class GeminiBackend:
         self.base_url = settings.base_url or os.environ.get(BASE_URL_VARIABLE) or None
         self._limiter = RequestLimiter(settings.rpm) if settings.rpm else None
         self._timeout_ms = int(settings.timeout_s * 1000)
-        options = genai_types.HttpOptions(base_url=self.base_url, timeout=self._timeout_ms)
+        # A transport of our own keeps the SDK on httpx even where aiohttp is installed: its
+        # aiohttp path retries a dropped connection once by itself (a second paid call) and
+        # raises errors the worker would not translate.
+        options = genai_types.HttpOptions(
+            base_url=self.base_url,
+            timeout=self._timeout_ms,
+            async_client_args={"transport": httpx.AsyncHTTPTransport()},
+        )
         # Kept for the backend's lifetime: the client closes its transport when collected.
         self._client = genai.Client(api_key=key, http_options=options)
 
