@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test check lint bench up clean
+.PHONY: demo test check lint bench bench-peers up clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ check: lint test
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# The peers too: taskiq-nats, FastStream, and Celery (which needs Debian's redis-server).
+bench-peers: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[peers]"
+	$(PY) -m bench --peers
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -83,6 +83,66 @@ def _versus_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+#: Peer section keys and their labels in the table, in the order they are shown.
+PEER_LABELS = {
+    "taskiq-nats": "taskiq + taskiq-nats (pull JetStream)",
+    "faststream-nats": "FastStream NATS (JetStream pull)",
+    "celery-redis": "Celery + Redis (acks_late)",
+}
+
+
+def _peer_rows(peers: dict[str, Any]) -> list[str]:
+    """Table rows of the peers section: its own raw baseline, then each peer that ran."""
+    raw = peers.get("raw")
+    if not raw:
+        return []
+    rows = [
+        f"| raw nats-py JetStream (peers section) | {_fmt(raw.get('tasks_per_s'))} | 1.00 "
+        f"| {_fmt(raw.get('p50_ms'), 2)} | {_fmt(raw.get('p99_ms'), 2)} | {_cpu(raw)} "
+        f"| {_fmt(raw.get('worker_peak_rss_mb'), 1)} |"
+    ]
+    for name, label in PEER_LABELS.items():
+        row = peers.get(name, {})
+        if "skipped" in row or not row.get("throughput_runs"):
+            continue
+        rows.append(
+            f"| {label} | {_fmt(row.get('tasks_per_s'))} | {_fmt(row.get('ratio_median'), 2)} "
+            f"| {_fmt(row.get('p50_ms'), 2)} | {_fmt(row.get('p99_ms'), 2)} | {_cpu(row)} "
+            f"| {_fmt(row.get('worker_peak_rss_mb'), 1)} |"
+        )
+    return rows
+
+
+def _peer_lines(peers: dict[str, Any]) -> list[str]:
+    """Notes under the table: per-pair ratios, skips and failures of the peers section."""
+    lines = []
+    for name in PEER_LABELS:
+        row = peers.get(name)
+        if row is None:
+            continue
+        if "skipped" in row:
+            lines.append(f"- Peer {name} skipped: {row['skipped']}")
+            continue
+        if row.get("ratios"):
+            lines.append(
+                f"- Peer {name}: tasks/s ratio to raw per round {row['ratios']}, p50 "
+                f"{_fmt(row.get('p50_ratio_median'), 2)} x raw's; versions "
+                + ", ".join(f"{k} {v}" for k, v in row.get("versions", {}).items())
+            )
+        if name == "taskiq-nats" and row.get("worker_tree_peak_rss_mb"):
+            lines.append(
+                f"- taskiq's RSS is its forked worker's; with its supervisor "
+                f"{_fmt(row['worker_tree_peak_rss_mb'], 1)} MB"
+            )
+        if row.get("latency_skipped"):
+            lines.append(f"- Peer {name} latency not measured: {row['latency_skipped']}")
+        if row.get("error"):
+            lines.append(f"- Peer {name} failed: {row['error']}")
+        elif not row.get("all_ok", True):
+            lines.append(f"- Peer {name}: some runs lost, duplicated or left tasks unacked")
+    return lines
+
+
 def _target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     tp, lat, llm = results.get("throughput", {}), results.get("latency", {}), results.get("llm", {})
     memory, start, scale = (
@@ -168,6 +228,7 @@ def table(results: dict[str, Any]) -> str:
         "/ producer | worker peak RSS MB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *_versus_rows(results),
+        *_peer_rows(results.get("peers", {})),
         "",
     ]
     tp = results.get("throughput", {})
@@ -198,6 +259,7 @@ def table(results: dict[str, Any]) -> str:
                 f"{name.replace('_', ' ')} {value:.2f}" for name, value in stages.items()
             )
             lines.append(f"- Where the mesh's share of an LLM call goes (p50 ms): {shown}")
+    lines.extend(_peer_lines(results.get("peers", {})))
     lines.extend(_memory_lines(results.get("memory", {})))
     start = results.get("startup", {})
     if "seconds_to_first_result" in start:

@@ -10,6 +10,7 @@ from bench.common import Timeline, cpu_seconds, fresh_server, rss_mb, server_cou
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
 
 __all__ = ["System", "measure", "wait_count"]
 
@@ -38,14 +39,20 @@ async def wait_count(timeline: Timeline, timeout_s: float) -> bool:
 
 
 async def measure(
-    make: Callable[[str], System], n: int, *, rate: float | None = None, warmup: int = WARMUP
+    make: Callable[[str], System],
+    n: int,
+    *,
+    rate: float | None = None,
+    warmup: int = WARMUP,
+    server_factory: Callable[[], AbstractContextManager[Any]] = fresh_server,
 ) -> dict[str, Any]:
     """Run `n` tasks through a fresh server and the system `make(url)` builds.
 
     With `rate`, tasks are released on an absolute schedule (latency mode); without, as fast
-    as the producer can publish (throughput mode).
+    as the producer can publish (throughput mode). `server_factory` starts the server (a fresh
+    nats-server unless told otherwise); what it yields needs `url`, `pid` and `monitor_url`.
     """
-    with fresh_server() as server:
+    with server_factory() as server:
         async with make(server.url) as system:
             warm = Timeline(warmup)
             await system.run(warm, 0, None)
