@@ -200,6 +200,7 @@ class _TracedRunner:
     def __init__(self, runner: TaskRunner, tracer: Tracer) -> None:
         self._runner = runner
         self._tracer = tracer
+        self.paused_s = runner.paused_s
 
     async def run(self, msg: Msg) -> Outcome:
         parent = propagate.extract(msg.headers or {})

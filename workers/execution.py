@@ -28,7 +28,7 @@ from mesh.contract import (
     encode,
     is_valid_task_id,
 )
-from mesh.errors import InvalidTaskError, RetryableError, WorkerFatalError
+from mesh.errors import InvalidTaskError, RateLimitedError, RetryableError, WorkerFatalError
 from mesh.results import ResultWriter, get_result, publish_dead_letter, write_result_once
 from mesh.topology import (
     ANY_MODEL,
@@ -120,6 +120,16 @@ class TaskRunner:
         self._on_fatal = on_fatal
         self._models = {model_token(m): m for m in backend.models}
         self._results = ResultWriter(nc)
+        # After a rate limit, no call starts before this (time.monotonic()).
+        self._calm_at = 0.0
+
+    def paused_s(self) -> float:
+        """How long the backend's rate limit still holds calls back; 0 when it does not.
+
+        One 429 pauses the whole worker, not only its task: the provider counts calls per
+        account, and the next task's call would meet the same limit.
+        """
+        return max(0.0, self._calm_at - time.monotonic())
 
     async def run(self, msg: Msg) -> Outcome:
         """Run one delivery to its outcome; never raises for a task's content."""
@@ -212,6 +222,12 @@ class TaskRunner:
     async def _generate(
         self, task: Task, model: str, deadline: float | None
     ) -> tuple[Generation | None, int]:
+        if (pause_s := self.paused_s()) > 0:
+            # Pulled before the limit hit: wait it out here (the lease is kept alive) rather
+            # than nak, which would cost the task a delivery without calling anyone.
+            if deadline is not None and time.time() + pause_s >= deadline:
+                return None, 0
+            await anyio.sleep(pause_s)
         on_piece, count = self._chunk_publisher(task) if task.stream else (None, None)
         if deadline is None:
             generation = await self._backend.generate(task, model, on_piece)
@@ -240,6 +256,10 @@ class TaskRunner:
             )
             return Outcome("dead", base.task.id, base.attempt)
         delay_s = self._retry.delay_s(base.attempt, exc.delay_s)
+        if isinstance(exc, RateLimitedError):
+            # LIMITATION: the nak still costs this task a delivery; `max_deliver` 429s in a
+            # row make it dead though nothing is wrong with it.
+            self._calm_at = max(self._calm_at, time.monotonic() + delay_s)
         await msg.nak(delay=delay_s)
         logger.warning(
             "task will be retried task_id=%s attempt=%d delay_s=%.1f error=%s",

@@ -330,6 +330,12 @@ class Worker:
         """Keep pull requests outstanding for every free slot."""
         while not self._stopping:
             self._changed = anyio.Event()
+            if self._runner is not None and (pause_s := self._runner.paused_s()) > 0:
+                # Rate limited: leave the tasks in JetStream, where a worker on another
+                # account or backend can take them, until the limit has passed.
+                with anyio.move_on_after(pause_s):
+                    await self._changed.wait()
+                continue
             now = time.monotonic()
             for puller in self._pullers:
                 puller.reclaim_lost_credit(now)

@@ -65,6 +65,27 @@ async def test_rate_limit_with_retry_after_naks_with_that_delay(
     assert 0.9 <= calls[1].at - calls[0].at < 3.0
 
 
+async def test_a_rate_limit_pauses_the_worker_not_only_its_task(
+    provider: Provider, nats_url: str
+) -> None:
+    provider.fake.plan("p0", rate_limited(retry_after_s=1.0))
+    settings = provider.settings(nats_url, concurrency=1)
+    tasks = [Task(id=f"pause-{i}", prompt=f"p{i}") for i in range(4)]
+    async with orchestrator_for(nats_url) as orch, running_worker(settings):
+        await orch.submit(tasks[0])
+        await poll_until(lambda: provider.fake.calls_for("p0"), what="the first call")
+        await orch.submit_many(tasks[1:])
+        done = [await orch.wait(t.id, timeout_s=15) for t in tasks]
+
+    assert [r.status if r else None for r in done] == ["ok"] * 4, done
+    limited_at = provider.fake.calls_for("p0")[0].at
+    later = [call.at for call in provider.fake.calls if call.at > limited_at]
+    assert len(later) == 4, "each task called once more: p0 again, p1 to p3 once"
+    # No call while the limit held: the other tasks waited in JetStream, not at the provider.
+    assert min(later) - limited_at >= 0.9, [round(t - limited_at, 2) for t in later]
+    assert all(r.attempt == 1 for r in done[1:]), "waiting cost them no delivery"
+
+
 async def test_streamed_pieces_arrive_in_order_before_the_final_result(
     provider: Provider, nats_url: str
 ) -> None:
