@@ -44,6 +44,15 @@ _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 
 TaskId = Annotated[str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Client-chosen id.")]
 Status = Literal["ok", "error", "expired", "dead"]
+# A model name must keep something once mapped to a subject token (`mesh.topology`).
+ModelName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"[A-Za-z0-9_]",
+        max_length=256,
+        description="A model name with at least one ASCII letter, digit or `_`.",
+    ),
+]
 # Only an inbox may receive a copy of a result: a worker publishing to any subject a task
 # names could overwrite another task's result or put junk into TASKS.
 REPLY_SUBJECT_PATTERN = r"^_INBOX[A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+$"
@@ -85,7 +94,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     prompt: str | None = None
     messages: Annotated[list[Message], msgspec.Meta(max_length=1000)] | None = None
     system: str | None = None
-    model: str | None = None
+    model: ModelName | None = None
     options: Options = Options()
     deadline: float | None = None
     timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
@@ -221,6 +230,11 @@ def json_schemas() -> dict[str, Any]:
     (task, result, heartbeat), components = msgspec.json.schema_components(
         [Task, Result, Heartbeat], ref_template="#/$defs/{name}"
     )
+    # What `Task.__post_init__` checks, which msgspec cannot express: exactly one input.
+    components["Task"]["oneOf"] = [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array", "minItems": 1}}},
+    ]
     return {
         name: {
             "$schema": "https://json-schema.org/draft/2020-12/schema",

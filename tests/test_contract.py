@@ -53,6 +53,9 @@ def test_prompt_task_round_trips() -> None:
         (b'{"id": "a", "prompt": "x", "reply_to": "$KV.results.b"}', r"at `\$.reply_to`"),
         (b'{"id": "a", "prompt": "x", "reply_to": "tasks.chat.any"}', r"at `\$.reply_to`"),
         (b'{"id": "a", "prompt": "x", "reply_to": "_INBOX.a b"}', r"at `\$.reply_to`"),
+        # A model name that maps to no subject token (`mesh.topology.model_token`).
+        (b'{"id": "a", "prompt": "x", "model": "..."}', r"matching regex .* at `\$.model`"),
+        (b'{"id": "a", "prompt": "x", "model": ""}', r"matching regex .* at `\$.model`"),
     ],
 )
 def test_bad_tasks_are_refused_with_a_clear_message(payload: bytes, message: str) -> None:
@@ -135,6 +138,33 @@ def test_json_schemas_are_generated_and_checked_in() -> None:
 
     checked_in = json.loads((ROOT / "docs" / "schemas.json").read_text())
     assert checked_in == json.loads(json.dumps(schemas)), "run `d8 schema > docs/schemas.json`"
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        {"id": "a", "prompt": "x"},
+        {"id": "a", "prompt": "x", "messages": None},
+        {"id": "a", "messages": [{"role": "user", "content": "y"}]},
+        {"id": "a"},
+        {"id": "a", "prompt": None},
+        {"id": "a", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+        {"id": "a", "messages": []},
+        {"id": "a", "prompt": "x", "model": "..."},
+        {"id": "a", "prompt": "x", "model": "deepseek-coder:6.7b"},
+    ],
+)
+def test_the_task_schema_accepts_what_workers_accept(task: dict[str, object]) -> None:
+    import jsonschema
+
+    schema = json_schemas()["Task"]
+    try:
+        decode_task(json.dumps(task).encode())
+    except msgspec.ValidationError:
+        decodes = False
+    else:
+        decodes = True
+    assert jsonschema.Draft202012Validator(schema).is_valid(task) == decodes
 
 
 @settings(max_examples=300, deadline=None)
