@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -30,9 +31,13 @@ def secret_values() -> list[str]:
     return sorted((v for v in values if v), key=len, reverse=True)
 
 
+# `scheme://user:password@` in any URL a library logs (a --base-url or NATS_URL with them).
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s'\"]+@")
+
+
 class _RedactingFormatter(logging.Formatter):
-    """Another formatter's lines with every secret value replaced by `***`: a traceback or a
-    library's message that quotes a key is still safe to ship."""
+    """Another formatter's lines with every secret value and the credentials of every URL
+    replaced by `***`: a traceback or a library's message that quotes them is safe to ship."""
 
     def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
         super().__init__()
@@ -43,7 +48,7 @@ class _RedactingFormatter(logging.Formatter):
         line = self._inner.format(record)
         for secret in self._secrets:
             line = line.replace(secret, "***")
-        return line
+        return _URL_CREDENTIALS.sub("***@", line) if "@" in line else line
 
 
 class _JsonFormatter(logging.Formatter):
@@ -84,12 +89,11 @@ def configure_logging(level: str = "info", *, json_lines: bool = False) -> None:
             "%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"
         )
         formatter.converter = time.gmtime
-    secrets = secret_values()
-    handler.setFormatter(_RedactingFormatter(formatter, secrets) if secrets else formatter)
+    handler.setFormatter(_RedactingFormatter(formatter, secret_values()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Third-party chatter stays at warning unless asked for debug.
     if level.lower() != "debug":
-        for name in ("httpx", "uvicorn.access", "nats"):
+        for name in ("httpx", "httpx2", "httpcore", "uvicorn.access", "nats"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -135,13 +135,18 @@ def test_log_lines_never_show_a_secret(
             try:
                 raise RuntimeError("provider said: bad key gsk_secret_0123456789")
             except RuntimeError:
-                logging.getLogger("test").exception("call failed password=%s", "nats-pass-9876")
+                logging.getLogger("test").exception(
+                    "call failed password=%s url=%s",
+                    "nats-pass-9876",
+                    "http://bob:pw12345@127.0.0.1:1/v1",
+                )
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
     err = capsys.readouterr().err
     assert err.count("call failed") == 2
-    assert "gsk_secret" not in err and "nats-pass" not in err
+    assert "gsk_secret" not in err and "nats-pass" not in err and "pw12345" not in err
+    assert "url=http://***@127.0.0.1:1/v1" in err
     assert err.count("***") >= 4
 
 
