@@ -193,6 +193,9 @@ def _dead_stream(settings: TopologySettings) -> StreamConfig:
         max_age=settings.dead_max_age_s,
         num_replicas=settings.replicas,
         allow_direct=True,
+        # Said outright: left at 0 the server picks 2 minutes, and every declare then saw a
+        # difference and updated the stream. A dead letter's id is its task's stream sequence.
+        duplicate_window=settings.duplicate_window_s,
     )
 
 
@@ -257,15 +260,32 @@ async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig, *, update
         await _create(f"bucket {config.bucket}", js.create_key_value(config))
         logger.info("bucket created name=%s", config.bucket)
         return
-    wanted = config.republish
-    if update and wanted is not None:
-        # Buckets made before results were republished get it added in place.
-        info = await js.stream_info(f"KV_{config.bucket}")
-        current = info.config.republish
-        if current is None or (current.src, current.dest) != (wanted.src, wanted.dest):
-            info.config.republish = wanted
-            await js.update_stream(info.config)
-            logger.info("bucket updated name=%s republish=%s", config.bucket, wanted.dest)
+    if not update:
+        return
+    # Settings changed since the bucket was made (a TTL, the replica count, results
+    # republished) are applied in place, as for streams; the bucket keeps its keys.
+    info = await js.stream_info(f"KV_{config.bucket}")
+    current = info.config
+    wanted: dict[str, object] = {"max_age": config.ttl, "num_replicas": config.replicas}
+    if config.ttl:
+        # The server refuses a duplicate window longer than max_age; nats-py sets it so too.
+        wanted["duplicate_window"] = min(config.ttl, 120.0)
+    if config.limit_marker_ttl:
+        wanted["allow_msg_ttl"] = True
+        wanted["subject_delete_marker_ttl"] = config.limit_marker_ttl
+    changed = [name for name, value in wanted.items() if getattr(current, name) != value]
+    republish = config.republish
+    if republish is not None and (
+        current.republish is None
+        or (current.republish.src, current.republish.dest) != (republish.src, republish.dest)
+    ):
+        current.republish = republish
+        changed.append("republish")
+    if changed:
+        for name, value in wanted.items():
+            setattr(current, name, value)
+        await js.update_stream(current)
+        logger.info("bucket updated name=%s changed=%s", config.bucket, ",".join(changed))
 
 
 async def declare_topology(

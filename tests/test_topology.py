@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import nats
 import pytest
 from nats.js.api import RetentionPolicy, StorageType
@@ -84,6 +86,32 @@ async def test_changed_settings_update_streams_and_consumers_in_place(nats_url: 
         assert info.state.messages == 1, "updating must not lose queued tasks"
         consumer = (await js.consumer_info(TASKS_STREAM, "chat-m")).config
         assert (consumer.ack_wait, consumer.max_deliver) == (pytest.approx(90), 7)
+    finally:
+        await nc.close()
+
+
+async def test_changed_settings_update_buckets_in_place(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        await declare_topology(js, TopologySettings())
+        kv = await js.key_value(RESULTS_BUCKET)
+        await kv.put("kept", b"{}")
+        with caplog.at_level(logging.INFO, logger="mesh.topology"):
+            await declare_topology(js, TopologySettings())
+        assert "updated" not in caplog.text, "the same settings again change nothing"
+
+        changed = TopologySettings(results_ttl_s=3600, heartbeat_interval_s=2.0)
+        await declare_topology(js, changed)
+
+        results = (await js.stream_info(f"KV_{RESULTS_BUCKET}")).config
+        workers = (await js.stream_info(f"KV_{WORKERS_BUCKET}")).config
+        assert results.max_age == pytest.approx(3600)
+        assert workers.max_age == pytest.approx(6.0)
+        assert workers.subject_delete_marker_ttl == pytest.approx(2.0)
+        assert (await kv.get("kept")).value == b"{}", "updating must not lose results"
     finally:
         await nc.close()
 
