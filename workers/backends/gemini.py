@@ -79,7 +79,7 @@ class GeminiBackend:
     def __init__(self, settings: BackendSettings) -> None:
         if not settings.models:
             raise ConfigError(
-                "the gemini backend needs a model: pass --model, e.g. gemini-2.0-flash"
+                "the gemini backend needs a model: pass --model, e.g. gemini-2.5-flash"
             )
         key = gemini_key()
         if key is None:
