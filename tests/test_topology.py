@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import nats
+import nats.errors
+import nats.js
 import pytest
 from nats.js.api import RetentionPolicy, StorageType
 
+from mesh.cluster import LocalCluster
 from mesh.topology import (
     DEAD_STREAM,
     RESULTS_BUCKET,
@@ -18,6 +22,10 @@ from mesh.topology import (
     declare_capability,
     declare_topology,
 )
+from tests.helpers import poll_until
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 async def test_declaring_twice_is_a_no_op(nats_url: str) -> None:
@@ -130,3 +138,26 @@ async def test_a_worker_never_overwrites_the_owners_consumer_settings(nats_url: 
         assert config.ack_wait == pytest.approx(120)
     finally:
         await nc.close()
+
+
+async def test_a_changed_replica_count_reaches_streams_and_buckets(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path / "cluster") as cluster:
+        nc = await nats.connect(servers=cluster.urls)
+        try:
+            js = nc.jetstream(timeout=10)
+            await poll_until(lambda: _answers(js), timeout_s=30, what="a meta leader")
+            await declare_topology(js, TopologySettings(replicas=1))
+            await declare_topology(js, TopologySettings(replicas=3))
+            names = [TASKS_STREAM, DEAD_STREAM, f"KV_{RESULTS_BUCKET}", f"KV_{WORKERS_BUCKET}"]
+            replicas = [(await js.stream_info(n)).config.num_replicas for n in names]
+        finally:
+            await nc.close()
+    assert replicas == [3, 3, 3, 3]
+
+
+async def _answers(js: nats.js.JetStreamContext) -> bool:
+    try:
+        await js.account_info()
+    except nats.errors.Error:
+        return False
+    return True
