@@ -1,8 +1,9 @@
-"""A local server speaking Ollama's HTTP API that answers every chat in a fixed time.
+"""A local server speaking Ollama's HTTP API that answers every call in a fixed time.
 
 It stands in for a model whose generation takes `--delay-ms` (50 by default), so the bench
-can tell how much the mesh adds to an LLM call. It serves `GET /api/tags` (one model) and
-`POST /api/chat` (not streamed), with HTTP/1.1 keep-alive as the `ollama` client uses it.
+can tell how much the mesh adds to an LLM call. It serves `GET /api/tags` (one model),
+`POST /api/generate` and `POST /api/chat` (not streamed), with HTTP/1.1 keep-alive as the
+`ollama` client uses it.
 
 Run as `python -m bench.fake_ollama --port P`; it prints `ready` once it listens.
 """
@@ -23,13 +24,14 @@ def _tags() -> bytes:
     return json.dumps({"models": [entry]}).encode()
 
 
-def _chat(request: bytes, delay_ms: float) -> bytes:
+def _answer(request: bytes, delay_ms: float, *, chat: bool) -> bytes:
     body = json.loads(request or b"{}")
+    output = {"message": {"role": "assistant", "content": "ok"}} if chat else {"response": "ok"}
     return json.dumps(
         {
             "model": body.get("model", MODEL),
             "created_at": "2026-12-03T00:00:00Z",
-            "message": {"role": "assistant", "content": "ok"},
+            **output,
             "done": True,
             "done_reason": "stop",
             "total_duration": int(delay_ms * 1e6),
@@ -56,9 +58,10 @@ async def _serve_connection(
                 if name.strip().lower() == "content-length":
                     length = int(value.strip())
             request = await reader.readexactly(length) if length else b""
-            if path.startswith("/api/chat") and method == "POST":
+            if path.startswith(("/api/chat", "/api/generate")) and method == "POST":
                 await asyncio.sleep(delay_s)
-                status, body = "200 OK", _chat(request, delay_s * 1000)
+                chat = path.startswith("/api/chat")
+                status, body = "200 OK", _answer(request, delay_s * 1000, chat=chat)
             elif path.startswith("/api/tags"):
                 status, body = "200 OK", _tags()
             else:

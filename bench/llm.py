@@ -1,7 +1,7 @@
 """What the mesh adds to an LLM call: direct `ollama` calls against mesh tasks, alternated.
 
 Both paths reach the same local Ollama-protocol server (`bench.fake_ollama`), which answers
-each chat after a fixed delay. The direct path is the `ollama` library's async client in
+each call after a fixed delay. The direct path is the `ollama` library's async client in
 this process; the mesh path is a task submitted through the orchestrator, run by a real
 `d8 worker --backend ollama` process (the same library inside), its result observed by the
 orchestrator. Calls alternate one by one, so drift on the shared machine hits both alike.
@@ -87,7 +87,8 @@ async def llm_overhead(calls: int, delay_ms: float = 50.0) -> dict[str, Any]:
             async with MeshSystem(server.url, worker_args=worker_args) as system:
                 for seq in range(calls + 2):
                     started = time.perf_counter()
-                    await client.chat(model=MODEL, messages=[{"role": "user", "content": PROMPT}])
+                    # The call the worker makes for a prompt task.
+                    await client.generate(model=MODEL, prompt=PROMPT)
                     direct_ms = (time.perf_counter() - started) * 1000
                     task = Task(id=f"llm-{seq}", prompt=PROMPT)
                     observed: list[float] = []

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from mesh.contract import Task
+from mesh.contract import Message, Task
 from mesh.errors import ConfigError, WorkerFatalError
 from tests.backends.conftest import BACKENDS, KEY, KEY_VARIABLE, MODEL, Provider
 from tests.fakes._server import no_quota, serving
@@ -155,7 +155,45 @@ async def test_ollama_pulls_a_missing_model_with_progress(
     assert generation.text == "fake answer to hi"
     assert f"pull progress model={MODEL} status=pulling 0123abcd percent=100" in caplog.text
     assert f"model pulled model={MODEL}" in caplog.text
-    assert [call.path for call in ollama.calls] == ["/api/pull", "/api/chat"]
+    assert [call.path for call in ollama.calls] == ["/api/pull", "/api/generate"]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_ollama_sends_prompts_to_generate_and_messages_to_chat(
+    ollama: FakeOllama, streamed: bool
+) -> None:
+    ollama.models.add(MODEL)
+    pieces: list[str] = []
+
+    async def on_piece(piece: str) -> None:
+        pieces.append(piece)
+
+    settings = BackendSettings(models=(MODEL,), base_url=ollama.url)
+    tasks = [
+        Task(id="g-1", prompt="mutate this prompt", system="You are D8"),
+        Task(id="g-2", prompt="plain prompt"),
+        Task(id="c-1", messages=[Message(role="user", content="a chat")], system="You are D8"),
+    ]
+    async with load_backend("ollama", settings) as backend:
+        texts = [
+            (await backend.generate(t, MODEL, on_piece if streamed else None)).text for t in tasks
+        ]
+
+    assert texts == [
+        "fake answer to mutate this prompt",
+        "fake answer to plain prompt",
+        "fake answer to a chat",
+    ]
+    generate, plain, chat = ollama.calls
+    assert (generate.path, generate.body["system"], generate.stream) == (
+        "/api/generate",
+        "You are D8",
+        streamed,
+    )
+    assert plain.path == "/api/generate" and "system" not in plain.body, "the model's own"
+    assert chat.path == "/api/chat"
+    assert chat.body["messages"][0] == {"role": "system", "content": "You are D8"}
+    assert ("".join(pieces) == "".join(texts)) if streamed else pieces == []
 
 
 async def test_ollama_says_when_a_model_cannot_be_pulled(ollama: FakeOllama) -> None:

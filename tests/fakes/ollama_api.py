@@ -1,4 +1,5 @@
-"""A fake Ollama: `/api/tags`, `/api/pull` and `/api/chat`, streaming line-delimited JSON."""
+"""A fake Ollama: `/api/tags`, `/api/pull`, `/api/chat` and `/api/generate`, streaming
+line-delimited JSON."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class FakeOllama(FakeProvider):
                 Route("/api/tags", self._tags, methods=["GET"]),
                 Route("/api/pull", self._pull, methods=["POST"]),
                 Route("/api/chat", self._chat, methods=["POST"]),
+                Route("/api/generate", self._generate, methods=["POST"]),
             ]
         )
 
@@ -100,8 +102,16 @@ class FakeOllama(FakeProvider):
 
     async def _chat(self, request: Request) -> Response:
         body = await request.json()
+        return await self._answer(request, body, str(body["messages"][-1]["content"]), "chat")
+
+    async def _generate(self, request: Request) -> Response:
+        body = await request.json()
+        return await self._answer(request, body, str(body["prompt"]), "generate")
+
+    async def _answer(
+        self, request: Request, body: dict[str, Any], prompt: str, api: str
+    ) -> Response:
         model = str(body.get("model", ""))
-        prompt = str(body["messages"][-1]["content"])
         # Ollama streams unless told not to.
         stream = body.get("stream", True) is not False
         self.record(request.url.path, model, prompt, stream, body, request.headers)
@@ -116,10 +126,10 @@ class FakeOllama(FakeProvider):
             return failure
         if stream:
             return StreamingResponse(
-                self._lines(model, prompt, reply), media_type="application/x-ndjson"
+                self._lines(model, prompt, reply, api), media_type="application/x-ndjson"
             )
         text = "" if reply.kind in ("blocked", "empty") else self.answer(prompt, reply)
-        return JSONResponse(self._final(model, prompt, text, text))
+        return JSONResponse(self._final(model, prompt, text, text, api))
 
     async def _failure(self, reply: Reply) -> Response | None:
         if reply.kind == "hang":
@@ -137,14 +147,21 @@ class FakeOllama(FakeProvider):
             return _error(400, "invalid options: num_ctx must be positive")
         return None
 
-    def _final(self, model: str, prompt: str, content: str, text: str) -> dict[str, Any]:
+    @staticmethod
+    def _output(api: str, content: str) -> dict[str, Any]:
+        """Where each API puts output: chat in a message, generate in `response`."""
+        if api == "chat":
+            return {"message": {"role": "assistant", "content": content}}
+        return {"response": content}
+
+    def _final(self, model: str, prompt: str, content: str, text: str, api: str) -> dict[str, Any]:
         prompt_tokens = len(prompt.split()) + 3
         completion_tokens = len(text.split())
         eval_ns = completion_tokens * NS_PER_TOKEN
         return {
             "model": model,
             "created_at": _now(),
-            "message": {"role": "assistant", "content": content},
+            **self._output(api, content),
             "done": True,
             "done_reason": "stop",
             "total_duration": LOAD_NS + PROMPT_EVAL_NS + eval_ns,
@@ -155,14 +172,9 @@ class FakeOllama(FakeProvider):
             "eval_duration": eval_ns,
         }
 
-    async def _lines(self, model: str, prompt: str, reply: Reply) -> AsyncIterator[str]:
+    async def _lines(self, model: str, prompt: str, reply: Reply, api: str) -> AsyncIterator[str]:
         text = "" if reply.kind in ("blocked", "empty") else self.answer(prompt, reply)
         for piece in self.pieces(text) if text else ():
-            part = {
-                "model": model,
-                "created_at": _now(),
-                "message": {"role": "assistant", "content": piece},
-                "done": False,
-            }
+            part = {"model": model, "created_at": _now(), **self._output(api, piece), "done": False}
             yield json.dumps(part) + "\n"
-        yield json.dumps(self._final(model, prompt, "", text)) + "\n"
+        yield json.dumps(self._final(model, prompt, "", text, api)) + "\n"

@@ -146,11 +146,14 @@ class OllamaBackend:
         await self._client.close()  # type: ignore[no-untyped-call]
 
     async def generate(self, task: Task, model: str, on_piece: OnPiece | None) -> Generation:
-        messages = [{"role": m.role, "content": m.content} for m in task.chat_messages()]
         options = _options(task)
         started = time.perf_counter()
         _last_retry_after_s.set(None)
         try:
+            if task.prompt is not None:
+                # A prompt (what D8 sends) goes to /api/generate, messages to /api/chat.
+                return await self._complete(task.prompt, task.system, model, options, on_piece)
+            messages = [{"role": m.role, "content": m.content} for m in task.chat_messages()]
             if on_piece is None:
                 response = await self._client.chat(
                     model=model, messages=messages, options=options, keep_alive=self.keep_alive
@@ -167,6 +170,46 @@ class OllamaBackend:
             # A stream cut mid-way (the runner was killed) arrives here too.
             message = f"Ollama at {self.shown_host} unreachable ({type(exc).__name__})"
             raise TransientError(message) from exc
+
+    async def _complete(
+        self,
+        prompt: str,
+        system: str | None,
+        model: str,
+        options: dict[str, Any],
+        on_piece: OnPiece | None,
+    ) -> Generation:
+        started = time.perf_counter()
+        # No system prompt given: None, which the client leaves out of the request, so the
+        # model's own (its Modelfile's) applies; its stubs say `str` only.
+        if on_piece is None:
+            response = await self._client.generate(
+                model,
+                prompt,
+                system=system,  # type: ignore[arg-type]
+                options=options,
+                keep_alive=self.keep_alive,
+            )
+            return _generation(model, response.response or "", response, started, None)
+        pieces: list[str] = []
+        first_piece_at: float | None = None
+        last: Any = None
+        stream = await self._client.generate(  # type: ignore[call-overload]
+            model,
+            prompt,
+            system=system,
+            options=options,
+            keep_alive=self.keep_alive,
+            stream=True,
+        )
+        async for part in stream:
+            last = part
+            if piece := part.response or "":
+                if first_piece_at is None:
+                    first_piece_at = time.perf_counter()
+                pieces.append(piece)
+                await on_piece(piece)
+        return _generation(model, "".join(pieces), last, started, first_piece_at)
 
     async def _stream(
         self,
