@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import anyio
 
 from mesh.errors import ConfigError, MeshError
 from mesh.logs import LEVELS
+
+if TYPE_CHECKING:
+    from orchestrator.launch import MeshProcesses
 
 __all__ = ["main"]
 
@@ -36,7 +41,9 @@ async def _cmd_server(args: argparse.Namespace) -> int:
     from mesh.server import EmbeddedServer
 
     server = EmbeddedServer(args.store_dir, host=args.host, port=args.port)
-    await anyio.to_thread.run_sync(server.start)
+    # Spawned on the main thread, so the server goes with this process, even on SIGKILL.
+    server.spawn()
+    await anyio.to_thread.run_sync(server.wait_until_listening)
     print(f"nats-server listening on {server.url} (store {server.store_dir}); Ctrl-C stops it")
     stop = anyio.Event()
     died = False
@@ -80,11 +87,14 @@ async def _cmd_orchestrator(args: argparse.Namespace) -> int:
     from mesh.settings import env_int
     from mesh.topology import Capability, declare_capability
     from orchestrator.core import Orchestrator
-    from orchestrator.launch import orchestrator_settings, serve_http
+    from orchestrator.launch import bind_http_sockets, orchestrator_settings, serve_http
 
     settings = orchestrator_settings(ConnectionSettings.from_env(name="d8-orchestrator"))
     if args.http_port is None:
         args.http_port = env_int(os.environ, "D8_HTTP_PORT", 7001, maximum=65535)
+    hint = "pass --http-port (or set D8_HTTP_PORT)"
+    # Bound before connecting: a busy port is a one-line error, not a traceback later.
+    sockets = bind_http_sockets(args.http_host, args.http_port, hint=hint) if args.http_port else []
     stop = anyio.Event()
     async with Orchestrator(settings) as orchestrator, anyio.create_task_group() as group:
         group.start_soon(_until_signal, stop.set)
@@ -93,8 +103,9 @@ async def _cmd_orchestrator(args: argparse.Namespace) -> int:
         for model in filter(None, map(str.strip, os.environ.get("D8_MODELS", "").split(","))):
             capability = Capability.for_model(model, settings.kind)
             await declare_capability(orchestrator.js, capability, settings.topology, update=True)
-        if args.http_port:
-            group.start_soon(serve_http, orchestrator, args.http_host, args.http_port, stop)
+        if sockets:
+            host, port = args.http_host, args.http_port
+            group.start_soon(serve_http, orchestrator, host, port, stop, sockets)
         logger.info("orchestrator ready")
         await stop.wait()
         group.cancel_scope.cancel()
@@ -102,37 +113,69 @@ async def _cmd_orchestrator(args: argparse.Namespace) -> int:
 
 
 async def _cmd_up(args: argparse.Namespace) -> int:
-    from mesh.connection import redact_url
     from orchestrator.core import Orchestrator
-    from orchestrator.launch import mesh_running, orchestrator_settings, serve_http
+    from orchestrator.launch import (
+        bind_http_sockets,
+        mesh_running,
+        orchestrator_settings,
+        serve_http,
+    )
 
+    # Before anything starts: a busy port is a one-line error, not a half-started mesh.
+    sockets = bind_http_sockets(args.http_host, args.http_port)
     stop = anyio.Event()
-    async with mesh_running(workers=args.workers, backend=args.backend, model=args.model) as mesh:
-        async with Orchestrator(orchestrator_settings(mesh.connection)) as orchestrator:
-            async with anyio.create_task_group() as group:
-                group.start_soon(_until_signal, stop.set)
-                group.start_soon(serve_http, orchestrator, args.http_host, args.http_port, stop)
-                url = mesh.connection.servers[0]
-                shown = redact_url(url)
-                # A URL with credentials in it is the user's own NATS_URL: never echo them.
-                export = f"export NATS_URL={url}" if shown == url else "use the same NATS_URL"
-                print(
-                    f"d8 mesh up: NATS {shown}, {args.workers} {mesh.backend} "
-                    f"worker(s), HTTP http://{args.http_host}:{args.http_port}. Ctrl-C stops it.\n"
-                    f"In another shell: {export}, then "
-                    "d8 submit, d8 status, d8 workers, or nats --server $NATS_URL ...",
-                    flush=True,
-                )
-                await stop.wait()
-                group.cancel_scope.cancel()
+    workers_exited = False
+
+    async def stop_when_workers_exit(event: anyio.Event) -> None:
+        nonlocal workers_exited
+        await event.wait()
+        # After a Ctrl-C (which reaches the workers too) their exits are the stop asked for.
+        workers_exited = not stop.is_set()
+        stop.set()
+
+    running = mesh_running(
+        workers=args.workers, backend=args.backend, model=args.model, store_dir=args.store_dir
+    )
+    async with running as mesh, Orchestrator(orchestrator_settings(mesh.connection)) as orch:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_until_signal, stop.set)
+            group.start_soon(stop_when_workers_exit, mesh.workers_exited)
+            host, port = args.http_host, args.http_port
+            group.start_soon(serve_http, orch, host, port, stop, sockets)
+            _announce_up(mesh, args)
+            await stop.wait()
+            group.cancel_scope.cancel()
+    if workers_exited:
+        print(f"d8 up: {mesh.failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _announce_up(mesh: MeshProcesses, args: argparse.Namespace) -> None:
+    from mesh.connection import redact_url
+
+    url = mesh.connection.servers[0]
+    shown = redact_url(url)
+    # A URL with credentials in it is the user's own NATS_URL: never echo them.
+    export = f"export NATS_URL={url}" if shown == url else "use the same NATS_URL"
+    print(
+        f"d8 mesh up: NATS {shown}, {args.workers} {mesh.backend} "
+        f"worker(s), HTTP http://{args.http_host}:{args.http_port}. Ctrl-C stops it.\n"
+        f"In another shell: {export}, then "
+        "d8 submit, d8 status, d8 workers, or nats --server $NATS_URL ...",
+        flush=True,
+    )
 
 
 async def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
     return await run_demo(
-        args.file, workers=args.workers, backend=args.backend, timeout_s=args.timeout_s
+        args.file,
+        workers=args.workers,
+        backend=args.backend,
+        model=args.model,
+        timeout_s=args.timeout_s,
     )
 
 
@@ -192,6 +235,38 @@ async def _cmd_schema(args: argparse.Namespace) -> int:
 
     print_schemas()
     return 0
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number, refused outside `minimum`..`maximum`."""
+
+    def checked(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"{minimum} or more" if maximum is None else f"{minimum}..{maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
+        return value
+
+    return checked
+
+
+def _seconds(*, zero: bool) -> Callable[[str], float]:
+    """An argparse type for a duration: above 0, or 0 and above when `zero` means something."""
+
+    def checked(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if math.isnan(value) or value < 0 or (value == 0 and not zero):
+            wanted = "0 or more" if zero else "more than 0"
+            raise argparse.ArgumentTypeError(f"must be {wanted} seconds, not {text}")
+        return value
+
+    return checked
 
 
 def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,25 +331,34 @@ def _parser() -> argparse.ArgumentParser:
     orchestrator = commands.add_parser("orchestrator", help="run the orchestrator and its HTTP API")
     orchestrator.add_argument("--http-host", default=os.environ.get("D8_HTTP_HOST", "127.0.0.1"))
     orchestrator.add_argument(
-        "--http-port", type=int, default=None, help="default 7001 or D8_HTTP_PORT; 0: no HTTP"
+        "--http-port",
+        type=_integer(0, 65535),
+        default=None,
+        help="default 7001 or D8_HTTP_PORT; 0: no HTTP",
     )
     orchestrator.set_defaults(run=_cmd_orchestrator)
 
     up = commands.add_parser(
         "up", help="all in one: server (unless NATS_URL), orchestrator, workers"
     )
-    up.add_argument("--workers", type=int, default=2)
+    up.add_argument(
+        "--workers", type=_integer(0), default=2, help="0: workers run elsewhere, on NATS_URL"
+    )
     up.add_argument("--backend", default=None, help="default: ollama if it answers, else echo")
     up.add_argument("--model", default=None)
     up.add_argument("--http-host", default="127.0.0.1")
-    up.add_argument("--http-port", type=int, default=7001)
+    up.add_argument("--http-port", type=_integer(1, 65535), default=7001)
+    up.add_argument(
+        "--store-dir", default=None, help="the embedded server's JetStream data; D8_STORE_DIR"
+    )
     up.set_defaults(run=_cmd_up)
 
     demo = commands.add_parser("demo", help="run the example D8 workload through a fresh mesh")
     demo.add_argument("file", nargs="?", default=None, help="a JSONL file of tasks")
-    demo.add_argument("--workers", type=int, default=3)
-    demo.add_argument("--backend", default=None)
-    demo.add_argument("--timeout-s", type=float, default=120.0)
+    demo.add_argument("--workers", type=_integer(1), default=3)
+    demo.add_argument("--backend", default=None, help="default: ollama if it answers, else echo")
+    demo.add_argument("--model", default=None, help="the model the workers serve")
+    demo.add_argument("--timeout-s", type=_seconds(zero=False), default=120.0)
     demo.set_defaults(run=_cmd_demo)
 
     submit = commands.add_parser("submit", help="submit a prompt or a JSONL file of tasks")
@@ -286,25 +370,32 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait for results and print them")
     submit.add_argument("--stream", action="store_true", help="print output pieces as they arrive")
     submit.add_argument(
-        "--timeout-s", type=float, default=300.0, help="how long --wait waits for results"
+        "--timeout-s",
+        type=_seconds(zero=False),
+        default=300.0,
+        help="how long --wait waits for results",
     )
     submit.set_defaults(run=_cmd_submit)
 
     result = commands.add_parser("result", help="print a task's result")
     result.add_argument("task_id")
-    result.add_argument("--wait-s", type=float, default=0.0)
+    result.add_argument("--wait-s", type=_seconds(zero=True), default=0.0)
     result.set_defaults(run=_cmd_result)
 
     workers = commands.add_parser("workers", help="list live workers")
     workers.set_defaults(run=_cmd_workers)
 
     status = commands.add_parser("status", help="workers, queues and failures, from JetStream")
-    status.add_argument("--sample-s", type=float, default=1.0, help="look twice, for rates")
+    status.add_argument(
+        "--sample-s", type=_seconds(zero=True), default=1.0, help="look twice, for rates"
+    )
     status.set_defaults(run=_cmd_status)
 
     watch = commands.add_parser("watch", help="`d8 status`, redrawn until Ctrl-C")
-    watch.add_argument("--interval-s", type=float, default=2.0)
-    watch.add_argument("--count", type=int, default=0, help="stop after N redraws (0: never)")
+    watch.add_argument("--interval-s", type=_seconds(zero=False), default=2.0)
+    watch.add_argument(
+        "--count", type=_integer(0), default=0, help="stop after N redraws (0: never)"
+    )
     watch.set_defaults(run=_cmd_watch)
 
     schema = commands.add_parser("schema", help="print the JSON Schemas of the wire contract")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import logging
@@ -9,8 +10,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -20,15 +23,48 @@ import platformdirs
 from mesh.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
-__all__ = ["EmbeddedServer", "default_store_dir", "find_server_binary"]
+__all__ = ["EmbeddedServer", "default_store_dir", "find_server_binary", "parent_death_hook"]
 
 logger = logging.getLogger(__name__)
 
 # Start-up measured at 11-16 ms on the development machine; a Pi with an SD card is slower.
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+
+# From <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
+
+
+def parent_death_hook() -> Callable[[], None] | None:
+    """A `preexec_fn` after which the child gets SIGTERM when this process dies; None where
+    that cannot be had.
+
+    Linux only. PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, so a
+    child forked from a worker thread (anyio retires idle ones after 10 s) would be stopped
+    with it: only the main thread gets the hook.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent_pid = os.getpid()
+    sigterm = ctypes.c_ulong(signal.SIGTERM)
+    unused = ctypes.c_ulong(0)
+
+    def die_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigterm, unused, unused, unused)
+        # The parent may have died between fork and prctl: then no signal would ever come.
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return die_with_parent
 
 
 def find_server_binary() -> str:
@@ -98,12 +134,36 @@ class EmbeddedServer:
 
     def start(self) -> str:
         """Start the server and wait until it listens; return its client URL."""
+        self.spawn()
+        return self.wait_until_listening()
+
+    def spawn(self) -> None:
+        """Start the server process without waiting for it to listen.
+
+        Called from the main thread, the server goes when this process dies, even by SIGKILL
+        (see `parent_death_hook`). Async code calls this on its loop's thread and runs
+        `wait_until_listening` in a worker thread.
+        """
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._lock_store()
-        # The ports file is read once, here; the folder goes as soon as it has been read.
+        # The ports file is read once, at start; the folder goes as soon as it has been read.
         self._ports_dir = tempfile.mkdtemp(prefix="d8-ports-")
         try:
-            return self._start()
+            self._process = subprocess.Popen(
+                self._command(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=parent_death_hook(),
+            )
+        except BaseException:
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+            self._unlock_store()
+            raise
+
+    def wait_until_listening(self) -> str:
+        """Wait until the spawned server listens; return its client URL."""
+        try:
+            return self._wait_until_listening()
         except BaseException:
             self._unlock_store()
             raise
@@ -130,10 +190,9 @@ class EmbeddedServer:
             self._lock.close()
             self._lock = None
 
-    def _start(self) -> str:
-        self._process = subprocess.Popen(
-            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+    def _wait_until_listening(self) -> str:
+        if self._process is None:
+            raise RuntimeError("wait_until_listening() before spawn()")
         ports_file = Path(self._ports_dir) / f"nats-server_{self._process.pid}.ports"
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

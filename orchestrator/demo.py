@@ -14,10 +14,10 @@ import anyio
 import msgspec
 
 from mesh.connection import redact_url
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, MeshError
 
 if TYPE_CHECKING:
-    from mesh.contract import Task
+    from mesh.contract import Result, Task
 from orchestrator.client import (
     console,
     load_tasks,
@@ -25,7 +25,7 @@ from orchestrator.client import (
     run_with_progress,
 )
 from orchestrator.core import Orchestrator
-from orchestrator.launch import mesh_running, orchestrator_settings
+from orchestrator.launch import mesh_running, orchestrator_settings, run_unless_workers_exit
 
 __all__ = ["DEFAULT_WORKLOAD", "run_demo"]
 
@@ -44,12 +44,24 @@ look inside with the standard `nats` CLI (--server <that url>):
 
 
 async def _wait_for_workers(orchestrator: Orchestrator, count: int) -> None:
-    with anyio.fail_after(WORKERS_READY_TIMEOUT_S):
+    with anyio.move_on_after(WORKERS_READY_TIMEOUT_S) as scope:
         while len(orchestrator.workers) < count:
             await orchestrator.workers_changed.wait()
+    if scope.cancelled_caught:
+        raise MeshError(
+            f"only {len(orchestrator.workers)} of {count} workers were live after "
+            f"{WORKERS_READY_TIMEOUT_S:.0f}s; their log lines above say why"
+        )
 
 
-async def run_demo(file: str | None, *, workers: int, backend: str | None, timeout_s: float) -> int:
+async def run_demo(
+    file: str | None,
+    *,
+    workers: int,
+    backend: str | None,
+    timeout_s: float,
+    model: str | None = None,
+) -> int:
     """Start a mesh, run the workload, print a table and `N/N tasks ok`; 0 when all ran ok."""
     path = Path(file) if file else DEFAULT_WORKLOAD
     if not path.is_file():
@@ -63,22 +75,36 @@ async def run_demo(file: str | None, *, workers: int, backend: str | None, timeo
     # A store of its own: the demo neither sees nor disturbs a `d8 up` on this machine.
     store = tempfile.mkdtemp(prefix="d8-demo-")
     try:
-        return await _run(tasks, store, workers=workers, backend=backend, timeout_s=timeout_s)
+        return await _run(
+            tasks, store, workers=workers, backend=backend, model=model, timeout_s=timeout_s
+        )
     finally:
         shutil.rmtree(store, ignore_errors=True)
 
 
 async def _run(
-    tasks: list[Task], store: str, *, workers: int, backend: str | None, timeout_s: float
+    tasks: list[Task],
+    store: str,
+    *,
+    workers: int,
+    backend: str | None,
+    model: str | None,
+    timeout_s: float,
 ) -> int:
-    async with mesh_running(workers=workers, backend=backend, store_dir=store) as mesh:
+    running = mesh_running(workers=workers, backend=backend, model=model, store_dir=store)
+    async with running as mesh:
         async with Orchestrator(orchestrator_settings(mesh.connection)) as orchestrator:
             url = redact_url(mesh.connection.servers[0])
             console.print(f"mesh up: NATS {url}, starting {workers} {mesh.backend} workers")
-            await _wait_for_workers(orchestrator, workers)
-            started = time.perf_counter()
-            results = await run_with_progress(orchestrator, tasks, timeout_s)
-            elapsed_s = time.perf_counter() - started
+
+            async def wait_and_run() -> tuple[dict[str, Result], float]:
+                await _wait_for_workers(orchestrator, workers)
+                started = time.perf_counter()
+                results = await run_with_progress(orchestrator, tasks, timeout_s)
+                return results, time.perf_counter() - started
+
+            # Workers that all exit (no model, no API key) end the demo at once.
+            results, elapsed_s = await run_unless_workers_exit(mesh, wait_and_run)
             console.print(results_table(tasks, results))
             rss = [hb.rss_mb for hb in orchestrator.workers.values()]
 
