@@ -97,8 +97,15 @@ async def submit_command(args: argparse.Namespace) -> int:
                 note = " (duplicate: already submitted)" if item.duplicate else ""
                 console.print(f"{item.task_id} -> {item.subject}{note}")
             return 0
-        results = await run_with_progress(orchestrator, tasks, args.timeout_s)
+        repeats: list[str] = []
+        results = await run_with_progress(orchestrator, tasks, args.timeout_s, repeats)
     console.print(results_table(tasks, results))
+    if repeats:
+        shown = ", ".join(repeats[:5]) + (", ..." if len(repeats) > 5 else "")
+        err_console.print(
+            f"{len(repeats)} id(s) submitted before ({shown}): their stored results are shown, "
+            "not new runs; give a new id to run a task again"
+        )
     ok = sum(1 for r in results.values() if r.status == "ok")
     console.print(f"{ok}/{len(tasks)} tasks ok")
     return 0 if ok == len(tasks) else 1
@@ -112,10 +119,15 @@ async def _submit_streaming(orchestrator: Orchestrator, task: Task, timeout_s: f
         sys.stdout.flush()
 
     subscription = await orchestrator.nc.subscribe(chunk_subject(task.id), cb=on_piece)
-    _, results = await orchestrator.run([task], timeout_s)
+    submitted, results = await orchestrator.run([task], timeout_s)
     await subscription.unsubscribe()
-    sys.stdout.write("\n")
     result = results.get(task.id)
+    if submitted[0].duplicate:
+        # Nothing streams for an id that ran before: its stored result is the answer.
+        err_console.print(f"{task.id} was submitted before: its stored result follows")
+        if result is not None:
+            sys.stdout.write(result.output)
+    sys.stdout.write("\n")
     if result is None:
         err_console.print(
             f"no result within {timeout_s:g}s; `d8 result {task.id}` looks again later"
@@ -127,13 +139,21 @@ async def _submit_streaming(orchestrator: Orchestrator, task: Task, timeout_s: f
 
 
 async def run_with_progress(
-    orchestrator: Orchestrator, tasks: list[Task], timeout_s: float
+    orchestrator: Orchestrator,
+    tasks: list[Task],
+    timeout_s: float,
+    repeats: list[str] | None = None,
 ) -> dict[str, Result]:
-    """Submit and wait, with a progress bar that moves as results arrive."""
+    """Submit and wait, with a progress bar that moves as results arrive; the ids that were
+    submitted before (duplicates) are added to `repeats` when it is given."""
     columns = (TextColumn("tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("tasks", total=len(tasks))
-        _, results = await orchestrator.run(tasks, timeout_s, lambda _: progress.advance(bar))
+        submitted, results = await orchestrator.run(
+            tasks, timeout_s, lambda _: progress.advance(bar)
+        )
+    if repeats is not None:
+        repeats.extend(s.task_id for s in submitted if s.duplicate)
     return results
 
 

@@ -78,6 +78,15 @@ def test_d8_up_serves_submit_result_and_workers(tmp_path: Path) -> None:
         assert submitted.returncode == 0, submitted.stderr
         assert "1/1 tasks ok" in submitted.stdout
 
+        # The same id again: its stored result, said to be one, with --wait and --stream.
+        again = _d8("submit", "other", "--id", "cli-1", "--wait", env=client_env)
+        assert again.returncode == 0 and "echo: hello mesh" in again.stdout
+        assert "1 id(s) submitted before (cli-1): their stored results" in again.stderr
+        streamed = _d8("submit", "other", "--id", "cli-1", "--stream", env=client_env)
+        assert streamed.returncode == 0, streamed.stderr
+        assert streamed.stdout.strip() == "echo: hello mesh"
+        assert "cli-1 was submitted before" in streamed.stderr
+
         unserved = _d8("submit", "hi", "--model", "nobody:1b", "--wait", env=client_env)
         assert unserved.returncode == 1
         assert "nobody:1b" in unserved.stderr and "live" in unserved.stderr
