@@ -14,6 +14,7 @@ from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, Not
 
 from mesh import tracing
 from mesh.contract import Result, decode_result, encode
+from mesh.errors import CorruptResultError
 from mesh.topology import RESULTS_BUCKET, dead_subject, heartbeat_subject, result_subject
 
 if TYPE_CHECKING:
@@ -147,14 +148,21 @@ class ResultWriter:
 
 
 async def get_result(js: JetStreamContext, task_id: str) -> Result | None:
-    """The stored result of `task_id`, or None while there is none."""
+    """The stored result of `task_id`, or None while there is none.
+
+    Raises:
+        CorruptResultError: the key holds something else (written by hand, for example).
+    """
     try:
         msg = await js.get_last_msg(_KV_STREAM, result_subject(task_id), direct=True)
     except NotFoundError:
         return None
     if not msg.data:
         return None
-    return decode_result(msg.data)
+    try:
+        return decode_result(msg.data)
+    except msgspec.DecodeError as exc:
+        raise CorruptResultError(task_id, str(exc)) from None
 
 
 class DeadLetter:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Self
@@ -36,7 +36,7 @@ from mesh.contract import (
     encode,
     is_valid_task_id,
 )
-from mesh.errors import SubmitError, TaskRejectedError, TaskTooLargeError
+from mesh.errors import CorruptResultError, SubmitError, TaskRejectedError, TaskTooLargeError
 from mesh.results import get_result
 from mesh.topology import (
     ANY_MODEL,
@@ -48,6 +48,7 @@ from mesh.topology import (
     stored_result_subject,
 )
 from orchestrator.dead_letters import DeadLetterHandler
+from orchestrator.link import NatsLink
 from orchestrator.routing import Router, RoutingSettings
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class Submitted:
 
 
 OnResult = Callable[[Result], None]
+SubmitMany = Callable[[Sequence[Task]], Awaitable[list["Submitted"]]]
 
 
 class _Waiter:
@@ -139,11 +141,14 @@ class Orchestrator:
         self._declared: set[Capability] = set()
         #: Set once the first snapshot of the `workers` bucket is in `workers`.
         self.workers_loaded = anyio.Event()
+        self._rewatch = anyio.Event()
         self.router: Router | None = None
         #: Called with every result's bytes as it is written (metrics count them).
         self.result_observer: Callable[[bytes], None] | None = None
         #: Handles max-deliveries advisories; only the owner (`declare`) runs one.
         self.dead_letters: DeadLetterHandler | None = None
+        #: The connection's state; the HTTP API bounds its NATS calls with it.
+        self.link = NatsLink()
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -160,7 +165,11 @@ class Orchestrator:
         return self._js
 
     async def __aenter__(self) -> Self:
-        self._nc = await connect(self.settings.connection, reconnected_cb=self._on_reconnected)
+        self._nc = await connect(
+            self.settings.connection,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
         self._js = jetstream(self._nc, self.settings.connection)
         if self.settings.declare:
             await declare_topology(self._js, self.settings.topology, update=True)
@@ -171,6 +180,7 @@ class Orchestrator:
             await self.dead_letters.start()
         self._task_group_cm = anyio.create_task_group()
         self._tasks = await self._task_group_cm.__aenter__()
+        self._tasks.start_soon(self.link.run)
         if self.settings.watch_workers:
             self._tasks.start_soon(self._watch_workers)
             if self.settings.routing is not None:
@@ -231,22 +241,27 @@ class Orchestrator:
             )
         return data
 
-    async def _publish(self, task: Task, subject: str, data: bytes) -> PubAck:
+    async def _publish(
+        self, task: Task, subject: str, data: bytes, *, since: float | None = None
+    ) -> PubAck:
         """Publish one task and wait for its PubAck, retrying while JetStream fails over.
 
-        Retrying is safe: the task's `Nats-Msg-Id` makes the stream store it once.
+        Retrying is safe: the task's `Nats-Msg-Id` makes the stream store it once. `since` is
+        when an earlier publish of it, whose ack never came, was sent.
         """
         headers = tracing.submit_headers(task.id, subject)
+        started = time.monotonic() if since is None else since
+        # A publish without an ack may have been stored; "no stream" means none took it.
+        maybe_stored = since is not None
         deadline = time.monotonic() + _SUBMIT_RETRY_S
         while True:
             try:
                 return await self.js.publish(subject, data, headers=headers)
             except (NoStreamResponseError, ServiceUnavailableError, nats.errors.TimeoutError) as e:
+                maybe_stored = maybe_stored or isinstance(e, nats.errors.TimeoutError)
                 if time.monotonic() > deadline:
-                    raise SubmitError(
-                        f"no stream stored task {task.id} on {subject} within "
-                        f"{_SUBMIT_RETRY_S:.0f}s ({type(e).__name__}): is JetStream up and TASKS "
-                        "declared? Submitting again is safe, the id makes it run once"
+                    raise _unconfirmed(
+                        task, subject, time.monotonic() - started, e, maybe_stored=maybe_stored
                     ) from None
                 logger.warning("submit retried task_id=%s error=%s", task.id, type(e).__name__)
                 await anyio.sleep(0.5)
@@ -257,6 +272,7 @@ class Orchestrator:
 
     async def submit_many(self, tasks: Iterable[Task]) -> list[Submitted]:
         """Publish many tasks with their acks pipelined; returns one `Submitted` per task."""
+        started = time.monotonic()
         pending = []
         # All checked before any is sent: a refused batch is not half submitted.
         checked = [(task, self._checked(task)) for task in tasks]
@@ -278,12 +294,17 @@ class Orchestrator:
         submitted = []
         deadline = time.monotonic() + _ACK_TIMEOUT_S
         for task, subject, future in pending:
-            ack = await self._ack_of(task, subject, future, deadline)
+            ack = await self._ack_of(task, subject, future, deadline, started)
             submitted.append(Submitted(task.id, subject, ack.seq, bool(ack.duplicate)))
         return submitted
 
     async def _ack_of(
-        self, task: Task, subject: str, future: asyncio.Future[PubAck], deadline: float
+        self,
+        task: Task,
+        subject: str,
+        future: asyncio.Future[PubAck],
+        deadline: float,
+        started: float,
     ) -> PubAck:
         """A pipelined publish's PubAck; past `deadline` the task is published again."""
         # Most acks are in by the time they are read: no cancel scope and timer for those.
@@ -302,7 +323,7 @@ class Orchestrator:
                 ) from exc
         # The server restarted or failed over: the publish or its ack was lost on the way.
         logger.warning("no ack for a submitted task, publishing it again task_id=%s", task.id)
-        return await self._publish(task, subject, self._checked(task))
+        return await self._publish(task, subject, self._checked(task), since=started)
 
     # -- results ------------------------------------------------------------------------
 
@@ -330,23 +351,31 @@ class Orchestrator:
         """Wait up to `timeout_s` for a task's result; None if it did not come."""
         _check_task_id(task_id)
         waiter = self._register(task_id)
-        # Registered before looking, so a result written in between is not missed.
-        stored = await get_result(self.js, task_id)
-        if stored is not None:
+        try:
+            # Registered before looking, so a result written in between is not missed.
+            stored = await get_result(self.js, task_id)
+            if stored is not None:
+                return stored
+            with anyio.move_on_after(timeout_s):
+                await waiter.event.wait()
+        finally:
+            # Also when cancelled (the HTTP API gives up while NATS is away).
             self._forget(task_id, waiter)
-            return stored
-        with anyio.move_on_after(timeout_s):
-            await waiter.event.wait()
-        self._forget(task_id, waiter)
         return waiter.result
 
     async def run(
-        self, tasks: Sequence[Task], timeout_s: float, on_result: OnResult | None = None
+        self,
+        tasks: Sequence[Task],
+        timeout_s: float,
+        on_result: OnResult | None = None,
+        *,
+        submit: SubmitMany | None = None,
     ) -> tuple[list[Submitted], dict[str, Result]]:
         """Submit a batch and wait up to `timeout_s` for its results.
 
         Waiters are registered before the tasks are published, so no result can slip past;
         only repeats (already run within the duplicate window) are looked up in the bucket.
+        `submit` replaces `submit_many` for the publishing (the HTTP API bounds it).
         """
         unsettled = {task.id for task in tasks}
         all_settled = anyio.Event()
@@ -360,10 +389,8 @@ class Orchestrator:
 
         waiters = {task.id: self._register(task.id, settled) for task in tasks}
         try:
-            submitted = await self.submit_many(tasks)
-            for item in submitted:
-                if item.duplicate and (stored := await get_result(self.js, item.task_id)):
-                    waiters[item.task_id].settle(stored)
+            submitted = await (submit or self.submit_many)(tasks)
+            await self._settle_repeats(submitted, waiters, unsettled)
             deadline = time.monotonic() + timeout_s
             # One event for the batch: a cancel scope and an event per task cost more than
             # the rest of the orchestrator's share of a short task.
@@ -375,6 +402,23 @@ class Orchestrator:
                 self._forget(task_id, waiter)
         results = {task_id: w.result for task_id, w in waiters.items() if w.result is not None}
         return submitted, results
+
+    async def _settle_repeats(
+        self, submitted: list[Submitted], waiters: dict[str, _Waiter], unsettled: set[str]
+    ) -> None:
+        """Settle repeats of tasks already run from the bucket; they will not run again."""
+        for item in submitted:
+            if not item.duplicate:
+                continue
+            try:
+                stored = await get_result(self.js, item.task_id)
+            except CorruptResultError as exc:
+                # The bad value also blocks the worker's create-only write: none will come.
+                logger.warning("stored result unreadable task_id=%s error=%s", exc.task_id, exc)
+                unsettled.discard(item.task_id)
+                continue
+            if stored is not None:
+                waiters[item.task_id].settle(stored)
 
     def _register(self, task_id: str, on_result: OnResult | None = None) -> _Waiter:
         waiter = _Waiter(on_result)
@@ -388,13 +432,25 @@ class Orchestrator:
             if not waiters:
                 del self._waiters[task_id]
 
+    async def _on_disconnected(self) -> None:
+        # As `connect`'s default callback, which this one replaces, plus the link's state.
+        if not (self.nc.is_closed or self.nc.is_draining):
+            logger.warning("nats disconnected name=%s", self.settings.connection.name)
+            self.link.disconnected()
+
     async def _on_reconnected(self) -> None:
+        self.link.reconnected()
+        self._rewatch.set()
         # Results published while we were away did not reach the subscription: look them up.
         logger.warning(
             "nats reconnected, checking results of waiting tasks count=%d", len(self._waiters)
         )
         for task_id in list(self._waiters):
-            stored = await get_result(self.js, task_id)
+            try:
+                stored = await get_result(self.js, task_id)
+            except CorruptResultError as exc:
+                logger.warning("stored result unreadable task_id=%s error=%s", task_id, exc)
+                continue
             if stored is not None:
                 for waiter in self._waiters.pop(task_id, []):
                     waiter.settle(stored)
@@ -410,12 +466,35 @@ class Orchestrator:
             logger.warning("no %s bucket: is the orchestrator running?", WORKERS_BUCKET)
             self.workers_loaded.set()
             return
+        while True:
+            self._rewatch = anyio.Event()
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._follow_heartbeats, kv)
+                # After a reconnect the watch's ordered consumer only notices it lost its
+                # place when its idle heartbeat is missed (15 s and more); start afresh.
+                await self._rewatch.wait()
+                group.cancel_scope.cancel()
+            logger.info("watching workers anew after a reconnect")
+
+    async def _follow_heartbeats(self, kv: KeyValue) -> None:
         watcher = await kv.watchall()
-        async for entry in watcher:
-            if entry is None:
-                self.workers_loaded.set()
-                continue  # end of the initial snapshot
-            self._on_heartbeat(entry.key, entry.value, entry.operation)
+        seen: set[str] | None = set()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    # End of the snapshot: a worker that expired unseen while we were away
+                    # left no key and no marker behind.
+                    for worker_id in set(self.workers) - (seen or set()):
+                        self._on_heartbeat(worker_id, None, "expired")
+                    seen = None
+                    self.workers_loaded.set()
+                    continue
+                if seen is not None:
+                    seen.add(entry.key)
+                self._on_heartbeat(entry.key, entry.value, entry.operation)
+        finally:
+            with anyio.move_on_after(2, shield=True):
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _on_heartbeat(self, worker_id: str, value: bytes | None, operation: str | None) -> None:
         if operation in ("DEL", "PURGE") or not value:
@@ -449,3 +528,20 @@ def _check_task_id(task_id: str) -> None:
     # A wildcard or a dot would make a lookup match some other task's result.
     if not is_valid_task_id(task_id):
         raise TaskRejectedError(f"{task_id!r} is not a task id: use 1 to 128 of A-Z a-z 0-9 _ -")
+
+
+def _unconfirmed(
+    task: Task, subject: str, elapsed_s: float, error: Exception, *, maybe_stored: bool
+) -> SubmitError:
+    """The error for a task no stream confirmed: whether it may still run decides the advice."""
+    if maybe_stored:
+        return SubmitError(
+            f"NATS did not confirm task {task.id} on {subject} within {elapsed_s:.0f}s "
+            f"({type(error).__name__}); it may still run: resubmit with the same id, which is "
+            "deduplicated"
+        )
+    return SubmitError(
+        f"no stream took task {task.id} on {subject} within {elapsed_s:.0f}s "
+        f"({type(error).__name__}), so it was not stored: is JetStream up and TASKS declared? "
+        "Submitting again is safe, the id makes it run once"
+    )

@@ -47,11 +47,12 @@ def operator_routes(orchestrator: Orchestrator) -> list[Route]:
     page = dashboard_html()
 
     async def status(request: Request) -> Response:
-        snapshot = await metrics.snapshot()
+        snapshot = await orchestrator.link.call(metrics.snapshot, "read the mesh's status")
         return Response(_encoder.encode(snapshot), media_type="application/json")
 
     async def prometheus(request: Request) -> Response:
-        return Response(await metrics.render(), media_type=CONTENT_TYPE)
+        text = await orchestrator.link.call(metrics.render, "read the queue metrics")
+        return Response(text, media_type=CONTENT_TYPE)
 
     async def dashboard(request: Request) -> Response:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})

@@ -7,10 +7,14 @@ GET  /health           200 when NATS is connected, 503 otherwise
 GET  /status           workers, queues and recent failures from JetStream (as `d8 status`)
 GET  /metrics          Prometheus text
 GET  /dashboard        a page that shows /status and redraws itself
+
+Those that ask NATS answer 503 within `orchestrator.link.GRACE_S` while it is unreachable,
+and /results answers 502 for a stored value that is not a result.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -19,15 +23,27 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mesh.contract import Task
-from mesh.errors import SubmitError, TaskRejectedError, TaskTooLargeError
+from mesh.errors import (
+    CorruptResultError,
+    MeshError,
+    NatsUnreachableError,
+    SubmitError,
+    TaskRejectedError,
+    TaskTooLargeError,
+)
 from orchestrator.dashboard import operator_routes
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from starlette.requests import Request
 
-    from orchestrator.core import Orchestrator
+    from mesh.contract import Result
+    from orchestrator.core import Orchestrator, Submitted
 
 __all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
 
 MAX_WAIT_S = 600.0
 # A batch of about 30,000 D8-sized tasks; larger batches go in several requests.
@@ -66,6 +82,14 @@ async def _refuse(request: Request, exc: Exception) -> Response:
     return _json({"error": {"type": "bad_request", "message": str(exc)}}, 400)
 
 
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    """503 for NATS away, 502 for a corrupt stored result: one warning line, no traceback."""
+    assert isinstance(exc, MeshError)
+    status = 503 if isinstance(exc, NatsUnreachableError) else 502
+    logger.warning("http request failed path=%s status=%d error=%s", request.url.path, status, exc)
+    return _json({"error": {"type": exc.type_name, "message": str(exc)}}, status)
+
+
 def _status(exc: SubmitError) -> int:
     """413 for a task too large, 400 for one no worker could run, 503 when NATS failed us."""
     if isinstance(exc, TaskTooLargeError):
@@ -73,6 +97,29 @@ def _status(exc: SubmitError) -> int:
     if isinstance(exc, TaskRejectedError):
         return 400
     return 503
+
+
+def _no_result(task_id: str, wait_s: float) -> Response:
+    # Not "pending": an id never submitted, or whose result expired, looks the same.
+    waited = f"; none came within {wait_s:g}s" if wait_s else ""
+    message = f"no result is stored for task {task_id} (yet){waited}"
+    return _json({"id": task_id, "error": {"type": "no_result", "message": message}}, 404)
+
+
+async def _submit(
+    orchestrator: Orchestrator, tasks: list[Task], wait_s: float
+) -> tuple[list[Submitted], dict[str, Result]]:
+    """Submit, and wait up to `wait_s` for results; the publishing gives up if NATS is away."""
+    task_ids = tuple(task.id for task in tasks)
+
+    async def submit_while_connected(batch: Sequence[Task]) -> list[Submitted]:
+        return await orchestrator.link.call(
+            lambda: orchestrator.submit_many(batch), "submit", task_ids
+        )
+
+    if wait_s > 0:
+        return await orchestrator.run(tasks, wait_s, submit=submit_while_connected)
+    return await submit_while_connected(tasks), {}
 
 
 def create_app(orchestrator: Orchestrator) -> Starlette:
@@ -92,10 +139,7 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
         tasks = decoded if isinstance(decoded, list) else [decoded]
         wait_s = _wait_s(request)
         try:
-            if wait_s > 0:
-                submitted, results = await orchestrator.run(tasks, wait_s)
-            else:
-                submitted, results = await orchestrator.submit_many(tasks), {}
+            submitted, results = await _submit(orchestrator, tasks, wait_s)
         except SubmitError as exc:
             return _json({"error": {"type": exc.type_name, "message": str(exc)}}, _status(exc))
         answer = {
@@ -110,13 +154,16 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
         task_id = request.path_params["task_id"]
         wait_s = _wait_s(request)
         try:
-            found = await (
-                orchestrator.wait(task_id, wait_s) if wait_s else orchestrator.result(task_id)
+            found = await orchestrator.link.call(
+                lambda: (
+                    orchestrator.wait(task_id, wait_s) if wait_s else orchestrator.result(task_id)
+                ),
+                f"read the result of {task_id}",
             )
         except TaskRejectedError as exc:
             return _json({"error": {"type": exc.type_name, "message": str(exc)}}, 400)
         if found is None:
-            return _json({"id": task_id, "status": "pending"}, 404)
+            return _no_result(task_id, wait_s)
         return _json(found)
 
     async def workers(request: Request) -> Response:
@@ -132,7 +179,12 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
         return _json(body, 200 if connected else 503)
 
     return Starlette(
-        exception_handlers={_BadRequest: _refuse, _TooLarge: _refuse},
+        exception_handlers={
+            _BadRequest: _refuse,
+            _TooLarge: _refuse,
+            NatsUnreachableError: _unavailable,
+            CorruptResultError: _unavailable,
+        },
         routes=[
             Route("/tasks", submit, methods=["POST"]),
             Route("/results/{task_id}", result, methods=["GET"]),

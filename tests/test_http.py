@@ -72,7 +72,8 @@ async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
             assert deep.status_code == 400
 
             missing = await http.get("/results/nope")
-            assert (missing.status_code, missing.json()["status"]) == (404, "pending")
+            assert missing.status_code == 404
+            assert missing.json()["error"]["message"] == "no result is stored for task nope (yet)"
 
             await poll_until(lambda: worker.worker_id in orch.workers, what="heartbeat")
             workers = (await http.get("/workers")).json()["workers"]

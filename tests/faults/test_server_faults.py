@@ -11,11 +11,11 @@ import nats.errors
 from mesh.cluster import LocalCluster
 from mesh.connection import ConnectionSettings
 from mesh.contract import Task
-from mesh.topology import TASKS_STREAM
+from mesh.topology import TASKS_STREAM, TopologySettings
 from orchestrator.core import Orchestrator, OrchestratorSettings
 from tests.faults.helpers import CONSUMER, fault_topology, start_worker
 from tests.faults.ledger import read_ledger
-from tests.helpers import orchestrator_for, poll_until
+from tests.helpers import orchestrator_for, poll_until, running_worker, worker_settings
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -177,3 +177,23 @@ async def test_a_cluster_node_killed_under_load_loses_nothing(tmp_path: Path) ->
 
 async def _drained(orch: Orchestrator) -> bool:
     return (await orch.js.stream_info(TASKS_STREAM)).state.messages == 0
+
+
+async def test_the_workers_view_follows_joins_and_deaths_after_a_server_restart(
+    nats_server: EmbeddedServer,
+) -> None:
+    url = nats_server.url
+    topology = TopologySettings(heartbeat_interval_s=1.0)
+    async with orchestrator_for(url, topology=topology) as orch:
+        async with running_worker(worker_settings(url, worker_id="w-before", topology=topology)):
+            await poll_until(lambda: "w-before" in orch.workers, what="the first worker")
+            nats_server.kill()
+            await anyio.to_thread.run_sync(nats_server.start)
+            async with running_worker(worker_settings(url, worker_id="w-after", topology=topology)):
+                # A join after the restart is seen within about a heartbeat, not after the
+                # watch's own idle-heartbeat timeout.
+                await poll_until(
+                    lambda: "w-after" in orch.workers, timeout_s=5, what="the new worker"
+                )
+        # Both stopped and removed their heartbeats: both leave the view.
+        await poll_until(lambda: not orch.workers, timeout_s=5, what="an empty view")
