@@ -29,6 +29,7 @@ __all__ = [
     "delete_heartbeat",
     "get_result",
     "publish_dead_letter",
+    "write_over_deleted",
     "write_result_once",
 ]
 
@@ -58,6 +59,41 @@ async def write_result_once(
         if exc.err_code == _WRONG_LAST_SEQUENCE:
             return False
         raise
+    return True
+
+
+async def write_over_deleted(js: JetStreamContext, result: Result, data: bytes) -> bool:
+    """Store `result` where the task's earlier result was deleted (`nats kv del`); return
+    whether it was stored.
+
+    A deleted key keeps a delete marker, so a create-only write fails as though a result
+    were there; this one expects the marker as the key's last message instead. A value that
+    is no result at all (written by hand) is replaced the same way.
+    """
+    try:
+        last = await js.get_last_msg(_KV_STREAM, result_subject(result.id), direct=True)
+    except NotFoundError:
+        return await write_result_once(js, result, data)
+    if last.data and _is_result(last.data):
+        return False  # a real result: the create-only write lost fairly
+    try:
+        await js.publish(
+            result_subject(result.id),
+            data,
+            headers={"Nats-Expected-Last-Subject-Sequence": str(last.seq)},
+        )
+    except BadRequestError as exc:
+        if exc.err_code == _WRONG_LAST_SEQUENCE:
+            return False
+        raise
+    return True
+
+
+def _is_result(data: bytes) -> bool:
+    try:
+        decode_result(data)
+    except msgspec.DecodeError:
+        return False
     return True
 
 

@@ -30,6 +30,7 @@ KNOWN = {
     r"nats kv get (results|workers) \S+": "$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>",
     r"nats kv watch (results|workers)( \S+)?": "ordered consumer on $KV.<bucket>.<key>",
     r"nats kv ls (results|workers)": "ordered consumer, last per subject, headers only",
+    r"nats kv del results \S+": "PUB $KV.results.<key> with header KV-Operation: DEL",
     r"nats stream info (TASKS|DEAD)": "$JS.API.STREAM.INFO.<stream>",
     r"nats stream get (TASKS|DEAD) \d+": "$JS.API.STREAM.MSG.GET.<stream>",
     r"nats stream view (TASKS|DEAD)": "direct gets on the stream",
@@ -125,7 +126,11 @@ async def _check_queue_views(nc: nats.NATS, worker_id: str) -> None:
     assert [c.name for c in await js.consumers_info(TASKS_STREAM)] == ["chat-any", "chat-echo"]
     assert (await js.consumer_info(TASKS_STREAM, "chat-any")).num_ack_pending == 0
     # nats kv ls results ; nats kv ls workers
-    assert sorted(await (await js.key_value(RESULTS_BUCKET)).keys()) == ["t1", "t2", "t3"]
+    results = await js.key_value(RESULTS_BUCKET)
+    assert sorted(await results.keys()) == ["t1", "t2", "t3"]
+    # nats kv del results t3: a delete marker, and the key is gone from `kv ls`
+    await js.publish(f"$KV.{RESULTS_BUCKET}.t3", b"", headers={"KV-Operation": "DEL"})
+    assert sorted(await results.keys()) == ["t1", "t2"]
     await poll_until(lambda: _has_key(js, worker_id), what="heartbeat key")
     # nats stream info DEAD ; nats stream get DEAD 1 ; nats stream view TASKS (direct gets)
     assert (await js.stream_info(DEAD_STREAM)).state.messages == 0

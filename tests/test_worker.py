@@ -217,3 +217,31 @@ async def test_an_id_reused_after_the_duplicate_window_gets_the_stored_result(
 
     assert first["reuse"].output == "echo: FIRST"
     assert again == stored == first["reuse"], "the caller sees the one stored result"
+
+
+@pytest.mark.parametrize("damage", ["deleted", "junk"])
+async def test_a_result_deleted_or_overwritten_by_hand_gives_way_to_a_new_run(
+    nats_url: str, damage: str
+) -> None:
+    # `nats kv del results ID` (or a stray `nats kv put`) then the id submitted again.
+    topology = TopologySettings(heartbeat_interval_s=1.0, duplicate_window_s=1.0)
+    async with (
+        orchestrator_for(nats_url, topology=topology) as orch,
+        running_worker(worker_settings(nats_url, topology=topology)),
+    ):
+        await orch.run([Task(id="redo", prompt="FIRST")], timeout_s=10)
+        results = await orch.js.key_value("results")
+        if damage == "deleted":
+            await results.delete("redo")
+        else:
+            await results.put("redo", b"junk")
+
+        async def run_anew() -> Result | None:
+            submitted, done = await orch.run([Task(id="redo", prompt="SECOND")], 5)
+            return None if submitted[0].duplicate else done.get("redo")
+
+        again = await poll_until(run_anew, timeout_s=15, interval_s=0.2, what="a run anew")
+        stored = await get_result(orch.js, "redo")
+
+    assert again is not None and again.output == "echo: SECOND"
+    assert stored == again
