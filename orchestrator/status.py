@@ -9,7 +9,8 @@ Every figure comes from one JetStream API answer, so it agrees with the `nats` C
 - dead per capability: `$JS.API.STREAM.INFO.DEAD` with a subjects filter
   (`nats stream subjects DEAD`);
 - recent failures: direct gets on `DEAD` from its last sequence (`nats stream get DEAD <seq>`);
-- stored tasks: `$JS.API.STREAM.INFO.TASKS` (`nats stream info TASKS`).
+- stored tasks, and those on subjects no consumer reads: `$JS.API.STREAM.INFO.TASKS` with
+  a subjects filter (`nats stream subjects TASKS`).
 
 "Done" and "rate" need two looks: a consumer's delivered sequence counts every delivery, so
 `delivered - in flight` grows by one each time a delivery ends (ack, term, or nak; a retried
@@ -123,6 +124,9 @@ class StatusSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     tasks_stored: int
     dead_total: int
     recent_failures: list[DeadLetterView]
+    #: Tasks on subjects that no consumer reads (a raw client's typo, `tasks.chat.any.x`,
+    #: a kind no worker serves), per subject: they wait in TASKS for nobody.
+    unread: dict[str, int] = {}
 
 
 def worker_view(heartbeat: Heartbeat, now: float) -> WorkerView:
@@ -167,6 +171,11 @@ async def read_heartbeats(js: JetStreamContext) -> list[Heartbeat]:
     return heartbeats
 
 
+def _unread(stored: dict[str, int], consumers: Iterable[ConsumerInfo]) -> dict[str, int]:
+    read = {c.config.filter_subject for c in consumers}
+    return {subject: n for subject, n in sorted(stored.items()) if subject not in read and n}
+
+
 class StatusCollector:
     """Takes snapshots; keeps a minute of consumer counts to say how fast queues drain."""
 
@@ -191,7 +200,7 @@ class StatusCollector:
         heartbeats = list(await self._heartbeats())
         consumers = await js.consumers_info(TASKS_STREAM)
         dead_info = await js.stream_info(DEAD_STREAM, subjects_filter="dead.>")
-        tasks_info = await js.stream_info(TASKS_STREAM)
+        tasks_info = await js.stream_info(TASKS_STREAM, subjects_filter="tasks.>")
         dead_by_subject = dead_info.state.subjects or {}
         serving: dict[str, int] = {}
         for heartbeat in heartbeats:
@@ -208,6 +217,7 @@ class StatusCollector:
             tasks_stored=tasks_info.state.messages,
             dead_total=dead_info.state.messages,
             recent_failures=await recent_failures(js, dead_info.state.last_seq),
+            unread=_unread(tasks_info.state.subjects or {}, consumers),
         )
         self.latest = snapshot
         return snapshot

@@ -12,6 +12,7 @@ from nats.js.errors import NotFoundError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from mesh.connection import ConnectionSettings, connect, jetstream
 from mesh.errors import ConfigError
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
     from nats.aio.client import Client as NATS
     from nats.js import JetStreamContext
+    from rich.console import RenderableType
 
     from orchestrator.status import DeadLetterView, QueueFigures, StatusSnapshot, WorkerView
 
@@ -121,12 +123,22 @@ def status_view(snapshot: StatusSnapshot) -> Group:
         f"{len(snapshot.workers)} live worker(s), {snapshot.tasks_stored} task(s) stored in TASKS, "
         f"{snapshot.dead_total} dead letter(s); as of {taken}"
     )
-    return Group(
+    parts: list[RenderableType] = [
         summary,
         worker_views_table(snapshot.workers),
         queues_table(snapshot.queues),
-        failures_table(snapshot.recent_failures),
-    )
+    ]
+    if snapshot.unread:
+        listed = ", ".join(f"{subject} ({n})" for subject, n in snapshot.unread.items())
+        parts.append(
+            Text(
+                f"{sum(snapshot.unread.values())} task(s) on subjects no queue reads: {listed}; "
+                "publish to tasks.<kind>.<model-token> (docs/protocol.md)",
+                style="bold red",
+            )
+        )
+    parts.append(failures_table(snapshot.recent_failures))
+    return Group(*parts)
 
 
 async def _jetstream() -> tuple[NATS, JetStreamContext]:

@@ -127,6 +127,8 @@ async def test_the_dashboard_shows_live_data_in_headless_chromium(
         finally:
             await nc.close()
         await poll_until(lambda: _dead_letters(orch.js), what="a dead letter")
+        # A subject no queue reads (one token too many): flagged, not silently kept.
+        await orch.js.publish("tasks.chat.any.extra", b'{"id": "lost", "prompt": "x"}')
 
         dom = await _run_chromium([chromium, *_flags(tmp_path / "profile-dom"), "--dump-dom", url])
         screenshot = tmp_path / "dashboard.png"
@@ -151,6 +153,7 @@ async def test_the_dashboard_shows_live_data_in_headless_chromium(
     assert failures[0][1] == "oops" and failures[0][3] == "invalid_task", failures
     assert "invalid task" in failures[0][6]
     assert "1 live worker(s)" in dom
+    assert "1 task(s) on subjects no queue reads: tasks.chat.any.extra (1)" in dom
 
     width, height, distinct = _png_rows(screenshot.read_bytes())
     assert (width, height) == (1280, 900)

@@ -38,6 +38,8 @@ async def test_status_figures_equal_jetstreams_own_counts(nats_url: str) -> None
             try:
                 bad = {"Nats-Msg-Id": "bad"}
                 await nc.jetstream().publish("tasks.chat.any", b"not json", headers=bad)
+                # A kind no worker serves: stored, read by no consumer.
+                await nc.jetstream().publish("tasks.embed.any", b'{"id": "e1", "prompt": "x"}')
             finally:
                 await nc.close()
             await poll_until(lambda: _in_flight(orch.js, "chat-any", 1), what="slow task running")
@@ -47,7 +49,7 @@ async def test_status_figures_equal_jetstreams_own_counts(nats_url: str) -> None
             snapshot = await collector.collect()
             consumers = {c.name: c for c in await orch.js.consumers_info(TASKS_STREAM)}
             dead = await orch.js.stream_info(DEAD_STREAM, subjects_filter="dead.>")
-            tasks = await orch.js.stream_info(TASKS_STREAM)
+            tasks = await orch.js.stream_info(TASKS_STREAM, subjects_filter="tasks.>")
 
             metrics = (await http.get("/metrics")).text
             status = (await http.get("/status")).json()
@@ -71,7 +73,13 @@ async def test_status_figures_equal_jetstreams_own_counts(nats_url: str) -> None
     assert (queues[PARKED.consumer].pending, queues[PARKED.consumer].workers) == (3, 0)
     chat_any = queues["chat-any"]
     assert (chat_any.in_flight, chat_any.dead, chat_any.workers) == (1, 1, 1)
-    assert snapshot.tasks_stored == tasks.state.messages == 4
+    assert snapshot.tasks_stored == tasks.state.messages == 5
+    # nats stream subjects TASKS, less the subjects the consumers filter on
+    assert (
+        snapshot.unread
+        == {"tasks.embed.any": 1}
+        == {s: n for s, n in (tasks.state.subjects or {}).items() if s == "tasks.embed.any"}
+    )
     assert snapshot.dead_total == dead.state.messages == 1
     assert [w.worker_id for w in snapshot.workers] == ["w-status"]
     assert snapshot.recent_failures[0].error_type == "invalid_task"
