@@ -99,6 +99,19 @@ def _status(exc: SubmitError) -> int:
     return 503
 
 
+async def _capped_body(request: Request) -> bytes:
+    """The body, read in pieces; a chunked upload over the cap is refused once it passes it,
+    not after all of it sits in memory."""
+    pieces: list[bytes] = []
+    size = 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > MAX_BODY_BYTES:
+            raise _TooLarge
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
 def _no_result(task_id: str, wait_s: float) -> Response:
     # Not "pending": an id never submitted, or whose result expired, looks the same.
     waited = f"; none came within {wait_s:g}s" if wait_s else ""
@@ -129,9 +142,7 @@ def create_app(orchestrator: Orchestrator) -> Starlette:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise _TooLarge
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise _TooLarge
+        body = await _capped_body(request)
         try:
             decoded = _tasks_decoder.decode(body)
         except (msgspec.DecodeError, RecursionError) as exc:

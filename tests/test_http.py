@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
@@ -10,6 +11,9 @@ import pytest
 
 from orchestrator.launch import serve_http
 from tests.helpers import orchestrator_for, poll_until, running_worker, worker_settings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 pytestmark = pytest.mark.anyio
 
@@ -58,6 +62,14 @@ async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
             huge = await http.post("/tasks", json={"id": "h-5", "prompt": "x" * 2_000_000})
             assert huge.status_code == 413
             assert "over the server's max_payload" in huge.json()["error"]["message"]
+
+            async def endless() -> AsyncIterator[bytes]:
+                # A chunked upload with no length: refused once past the cap, not read to end.
+                for _ in range(10_000):
+                    yield b"x" * 65_536
+
+            chunked = await http.post("/tasks", content=endless())
+            assert chunked.status_code == 413 and "request body over" in chunked.text
 
             bad_wait = await http.get("/results/h-1?wait=soon")
             assert bad_wait.status_code == 400
