@@ -311,7 +311,8 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level",
         type=str.lower,
         choices=LEVELS,
-        default=os.environ.get("D8_LOG_LEVEL", "info").lower(),
+        default=(os.environ.get("D8_LOG_LEVEL") or "").lower() or None,
+        help="default: info for the services, warning for the client commands; D8_LOG_LEVEL",
     )
     parser.add_argument(
         "--log-json", action="store_true", default=os.environ.get("D8_LOG_JSON") == "1"
@@ -420,11 +421,17 @@ async def _unwrapped(run: Command, args: argparse.Namespace) -> int:
         raise
 
 
+_CLIENT_COMMANDS = frozenset({"submit", "result", "workers", "status", "watch", "schema", "health"})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `d8` console command."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.log_level not in LEVELS:
+    if args.log_level is None:
+        # A client's output is its answer; "nats connected" and "worker joined" are noise.
+        args.log_level = "warning" if args.command in _CLIENT_COMMANDS else "info"
+    elif args.log_level not in LEVELS:
         parser.error(f"D8_LOG_LEVEL={args.log_level!r}: choose one of {', '.join(LEVELS)}")
     from mesh.logs import configure_logging
 

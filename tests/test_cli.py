@@ -99,6 +99,7 @@ def test_d8_up_serves_submit_result_and_workers(tmp_path: Path) -> None:
 
         workers = _d8("workers", env=client_env)
         assert workers.returncode == 0 and workers.stdout.count("echo") >= 2
+        assert "nats connected" not in workers.stderr, "a client logs at warning by default"
 
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
         assert health.json()["workers"] == 2
