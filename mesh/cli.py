@@ -21,6 +21,7 @@ from mesh.errors import ConfigError, MeshError
 from mesh.logs import LEVELS
 
 if TYPE_CHECKING:
+    from orchestrator.core import Orchestrator
     from orchestrator.launch import MeshProcesses
 
 __all__ = ["main"]
@@ -142,13 +143,35 @@ async def _cmd_up(args: argparse.Namespace) -> int:
             group.start_soon(stop_when_workers_exit, mesh.workers_exited)
             host, port = args.http_host, args.http_port
             group.start_soon(serve_http, orch, host, port, stop, sockets)
-            _announce_up(mesh, args)
+            group.start_soon(_announce_when_live, orch, mesh, args)
             await stop.wait()
             group.cancel_scope.cancel()
     if workers_exited:
         print(f"d8 up: {mesh.failure}", file=sys.stderr)
         return 1
     return 0
+
+
+#: How long `d8 up` waits for its workers' first heartbeats before it announces anyway.
+WORKERS_LIVE_S = 30.0
+
+
+async def _announce_when_live(
+    orch: Orchestrator, mesh: MeshProcesses, args: argparse.Namespace
+) -> None:
+    # Announced once the workers' heartbeats are in: a submit right after the banner would
+    # otherwise be refused with "no live worker serves any model".
+    with anyio.move_on_after(WORKERS_LIVE_S):
+        while len(orch.workers) < args.workers:
+            await orch.workers_changed.wait()
+    if len(orch.workers) < args.workers:
+        logger.warning(
+            "workers not live yet live=%d started=%d waited_s=%.0f",
+            len(orch.workers),
+            args.workers,
+            WORKERS_LIVE_S,
+        )
+    _announce_up(mesh, args)
 
 
 def _announce_up(mesh: MeshProcesses, args: argparse.Namespace) -> None:
