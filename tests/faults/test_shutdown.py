@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from orchestrator.core import Orchestrator
 
 
+async def _gone_within(orch: Orchestrator, worker_id: str, timeout_s: float) -> bool:
+    with anyio.move_on_after(timeout_s):
+        while worker_id in orch.workers:
+            await orch.workers_changed.wait()
+    return worker_id not in orch.workers
+
+
 async def _ack_pending(orch: Orchestrator, count: int) -> bool:
     return (await consumer_info(orch)).num_ack_pending == count
 
@@ -49,7 +56,9 @@ async def test_sigterm_hands_back_unfinished_tasks_at_once(nats_url: str, tmp_pa
         # when `quick` finished, and all three wait in the stream.
         info = await consumer_info(orch)
         left = (await orch.js.stream_info(TASKS_STREAM)).state.messages
-        gone = "leaving" not in orch.workers
+        # The worker deleted its heartbeat before exiting; the watch hears of it within
+        # moments, not after the TTL (3 s here would be the expiry, so 2 s tells them apart).
+        gone = await _gone_within(orch, "leaving", 2.0)
 
         heir = await start_worker(orch, nats_url, "heir", tmp_path, topology)
         try:
