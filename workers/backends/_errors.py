@@ -101,6 +101,8 @@ def error_for_status(
             "check the API key and its permissions"
         )
     if status == 404:
+        # LIMITATION: this stops the whole worker, also the queues of the other models it
+        # serves; only a worker with one model (the usual Pi) is stopped exactly right.
         return WorkerFatalError(f"{provider} does not serve model {model!r} (404): {detail}")
     if status in (400, 413, 422):
         return InvalidTaskError(f"{provider} rejected the task ({status}): {detail}")
