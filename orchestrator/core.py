@@ -25,7 +25,7 @@ from nats.js.errors import (
 )
 
 from mesh import tracing
-from mesh.connection import ConnectionSettings, close_quietly, connect, jetstream
+from mesh.connection import NATS_ERRORS, ConnectionSettings, close_quietly, connect, jetstream
 from mesh.contract import (
     Heartbeat,
     Result,
@@ -73,6 +73,10 @@ _STALL_S = 30.0
 # one task is retried while JetStream has no stream leader (4.5 s measured in an election).
 _ACK_TIMEOUT_S = 10.0
 _SUBMIT_RETRY_S = 15.0
+# Pauses between attempts to set up the workers watch again: a leader election takes a few
+# seconds, so 0.5 s doubling to 5 s finds the new leader soon without busy-looping.
+_REWATCH_FIRST_S = 0.5
+_REWATCH_MAX_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -469,12 +473,24 @@ class Orchestrator:
         while True:
             self._rewatch = anyio.Event()
             async with anyio.create_task_group() as group:
-                group.start_soon(self._follow_heartbeats, kv)
+                group.start_soon(self._keep_following_heartbeats, kv)
                 # After a reconnect the watch's ordered consumer only notices it lost its
                 # place when its idle heartbeat is missed (15 s and more); start afresh.
                 await self._rewatch.wait()
                 group.cancel_scope.cancel()
             logger.info("watching workers anew after a reconnect")
+
+    async def _keep_following_heartbeats(self, kv: KeyValue) -> None:
+        """Follow the bucket; a watch that cannot be set up (JetStream failing over) or that
+        ends is set up again, after a pause that grows to `_REWATCH_MAX_S`."""
+        pause_s = _REWATCH_FIRST_S
+        while True:
+            try:
+                await self._follow_heartbeats(kv)
+            except NATS_ERRORS as exc:
+                logger.warning("workers watch failed, retrying error=%r pause_s=%.1f", exc, pause_s)
+            await anyio.sleep(pause_s)
+            pause_s = min(2 * pause_s, _REWATCH_MAX_S)
 
     async def _follow_heartbeats(self, kv: KeyValue) -> None:
         watcher = await kv.watchall()
@@ -494,7 +510,10 @@ class Orchestrator:
                 self._on_heartbeat(entry.key, entry.value, entry.operation)
         finally:
             with anyio.move_on_after(2, shield=True):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                try:
+                    await watcher.stop()  # type: ignore[no-untyped-call]
+                except NATS_ERRORS as exc:
+                    logger.debug("workers watch stop failed error=%r", exc)
 
     def _on_heartbeat(self, worker_id: str, value: bytes | None, operation: str | None) -> None:
         if operation in ("DEL", "PURGE") or not value:
