@@ -113,6 +113,7 @@ class Worker:
         self._stop = anyio.Event()
         self._changed = anyio.Event()
         self._stopping = False
+        self._leaving = False
         self._in_flight: dict[int, tuple[Msg, float]] = {}
         self._held: list[Msg] = []
         # Started tasks wait here for one of `concurrency` long-lived runners.
@@ -386,9 +387,12 @@ class Worker:
     async def _beat(self) -> None:
         assert self._nc is not None
         subject = heartbeat_subject(self.worker_id)
-        while True:
+        while not self._leaving:
             try:
                 await self.host_facts.refresh()
+                if self._leaving:
+                    # The heartbeat is being removed: a beat now would bring it back.
+                    break
                 await self._nc.publish(subject, encode(self.heartbeat()))
             except Exception as exc:  # a missed beat is logged; the next one may pass
                 logger.warning("heartbeat failed worker_id=%s error=%s", self.worker_id, exc)
@@ -456,6 +460,8 @@ class Worker:
             )
             tasks.cancel_scope.cancel()
 
+        # No beat may follow the removal: on one connection the server sees them in order.
+        self._leaving = True
         try:
             with anyio.move_on_after(5, shield=True):
                 await delete_heartbeat(self._nc, self.worker_id)
