@@ -494,26 +494,42 @@ class Orchestrator:
 
     async def _follow_heartbeats(self, kv: KeyValue) -> None:
         watcher = await kv.watchall()
-        seen: set[str] | None = set()
+        snapshot = _Snapshot()
         try:
             async for entry in watcher:
                 if entry is None:
-                    # End of the snapshot: a worker that expired unseen while we were away
-                    # left no key and no marker behind.
-                    for worker_id in set(self.workers) - (seen or set()):
-                        self._on_heartbeat(worker_id, None, "expired")
-                    seen = None
-                    self.workers_loaded.set()
+                    # Workaround for a race in nats-py 2.16's KeyValue.watch: it can put its
+                    # end-of-snapshot marker before the snapshot's entries when they were
+                    # delivered but not yet handed over. With nothing seen and messages in
+                    # the bucket, the end is the entry whose `delta` (pending) is 0.
+                    if not snapshot.seen and await self._bucket_holds_messages():
+                        continue
+                    self._end_snapshot(snapshot)
                     continue
-                if seen is not None:
-                    seen.add(entry.key)
                 self._on_heartbeat(entry.key, entry.value, entry.operation)
+                if snapshot.loading:
+                    snapshot.seen.add(entry.key)
+                    if entry.delta == 0:
+                        self._end_snapshot(snapshot)
         finally:
             with anyio.move_on_after(2, shield=True):
                 try:
                     await watcher.stop()  # type: ignore[no-untyped-call]
                 except NATS_ERRORS as exc:
                     logger.debug("workers watch stop failed error=%r", exc)
+
+    async def _bucket_holds_messages(self) -> bool:
+        info = await self.js.stream_info(f"KV_{WORKERS_BUCKET}")
+        return bool(info.state.messages)
+
+    def _end_snapshot(self, snapshot: _Snapshot) -> None:
+        if not snapshot.loading:
+            return
+        snapshot.loading = False
+        # A worker that expired unseen while we were away left no key and no marker behind.
+        for worker_id in set(self.workers) - snapshot.seen:
+            self._on_heartbeat(worker_id, None, "expired")
+        self.workers_loaded.set()
 
     def _on_heartbeat(self, worker_id: str, value: bytes | None, operation: str | None) -> None:
         if operation in ("DEL", "PURGE") or not value:
@@ -541,6 +557,14 @@ class Orchestrator:
     def live_capabilities(self) -> set[str]:
         """Capabilities (`kind/token`) that at least one live worker serves."""
         return {c for hb in self.workers.values() for c in hb.capabilities}
+
+
+@dataclass
+class _Snapshot:
+    """The first look at the `workers` bucket of one watch, until its last entry."""
+
+    loading: bool = True
+    seen: set[str] = field(default_factory=set)
 
 
 def _check_task_id(task_id: str) -> None:
