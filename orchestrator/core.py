@@ -77,6 +77,8 @@ _SUBMIT_RETRY_S = 15.0
 # seconds, so 0.5 s doubling to 5 s finds the new leader soon without busy-looping.
 _REWATCH_FIRST_S = 0.5
 _REWATCH_MAX_S = 5.0
+# How long waiting tasks' results are looked up after a reconnect while JetStream fails.
+_LOOKUP_AFTER_RECONNECT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -445,19 +447,45 @@ class Orchestrator:
     async def _on_reconnected(self) -> None:
         self.link.reconnected()
         self._rewatch.set()
-        # Results published while we were away did not reach the subscription: look them up.
+        # Not awaited here: nats-py runs this callback inside its reconnect, and after a
+        # failover the lookups may wait for a leader election; an error raised here would
+        # leave the client stuck reconnecting.
+        if self._tasks is not None:
+            self._tasks.start_soon(self._look_up_waiting)
+
+    async def _look_up_waiting(self) -> None:
+        """Look up the results of waiting tasks: those stored while we were away did not
+        reach the subscription. Retried while JetStream cannot answer, for a bounded time."""
+        remaining = list(self._waiters)
         logger.warning(
-            "nats reconnected, checking results of waiting tasks count=%d", len(self._waiters)
+            "nats reconnected, checking results of waiting tasks count=%d", len(remaining)
         )
-        for task_id in list(self._waiters):
+        pause_s, deadline = _REWATCH_FIRST_S, time.monotonic() + _LOOKUP_AFTER_RECONNECT_S
+        while remaining:
             try:
-                stored = await get_result(self.js, task_id)
-            except CorruptResultError as exc:
-                logger.warning("stored result unreadable task_id=%s error=%s", task_id, exc)
-                continue
-            if stored is not None:
-                for waiter in self._waiters.pop(task_id, []):
-                    waiter.settle(stored)
+                while remaining:
+                    task_id = remaining[-1]
+                    if task_id in self._waiters and (stored := await self._stored(task_id)):
+                        for waiter in self._waiters.pop(task_id, []):
+                            waiter.settle(stored)
+                    remaining.pop()
+            except NATS_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    logger.warning(
+                        "results of waiting tasks not checked count=%d error=%r",
+                        len(remaining),
+                        exc,
+                    )
+                    return
+                await anyio.sleep(pause_s)
+                pause_s = min(2 * pause_s, _REWATCH_MAX_S)
+
+    async def _stored(self, task_id: str) -> Result | None:
+        try:
+            return await get_result(self.js, task_id)
+        except CorruptResultError as exc:
+            logger.warning("stored result unreadable task_id=%s error=%s", task_id, exc)
+            return None
 
     # -- workers ------------------------------------------------------------------------
 
