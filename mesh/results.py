@@ -29,6 +29,7 @@ __all__ = [
     "delete_heartbeat",
     "get_result",
     "publish_dead_letter",
+    "readable_result",
     "write_over_deleted",
     "write_result_once",
 ]
@@ -199,6 +200,15 @@ async def get_result(js: JetStreamContext, task_id: str) -> Result | None:
         return decode_result(msg.data)
     except msgspec.DecodeError as exc:
         raise CorruptResultError(task_id, str(exc)) from None
+
+
+async def readable_result(js: JetStreamContext, task_id: str) -> Result | None:
+    """`get_result`, with a value that is no result logged and taken as none."""
+    try:
+        return await get_result(js, task_id)
+    except CorruptResultError as exc:
+        logger.warning("stored result unreadable task_id=%s error=%s", task_id, exc)
+        return None
 
 
 class DeadLetter:

@@ -20,7 +20,6 @@ import nats.errors
 from nats.js.errors import (
     APIError,
     NoStreamResponseError,
-    NotFoundError,
     ServiceUnavailableError,
 )
 
@@ -30,17 +29,15 @@ from mesh.contract import (
     Heartbeat,
     Result,
     Task,
-    decode_heartbeat,
     decode_result,
     decode_task,
     encode,
     is_valid_task_id,
 )
 from mesh.errors import CorruptResultError, SubmitError, TaskRejectedError, TaskTooLargeError
-from mesh.results import get_result
+from mesh.results import get_result, readable_result
 from mesh.topology import (
     ANY_MODEL,
-    WORKERS_BUCKET,
     Capability,
     TopologySettings,
     declare_capability,
@@ -50,6 +47,7 @@ from mesh.topology import (
 from orchestrator.dead_letters import DeadLetterHandler
 from orchestrator.link import NatsLink
 from orchestrator.routing import Router, RoutingSettings
+from orchestrator.workers_view import WorkersView
 
 if TYPE_CHECKING:
     import asyncio
@@ -59,7 +57,6 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.api import PubAck
-    from nats.js.kv import KeyValue
 
 __all__ = ["Orchestrator", "OrchestratorSettings", "Submitted"]
 
@@ -73,12 +70,10 @@ _STALL_S = 30.0
 # one task is retried while JetStream has no stream leader (4.5 s measured in an election).
 _ACK_TIMEOUT_S = 10.0
 _SUBMIT_RETRY_S = 15.0
-# Pauses between attempts to set up the workers watch again: a leader election takes a few
-# seconds, so 0.5 s doubling to 5 s finds the new leader soon without busy-looping.
-_REWATCH_FIRST_S = 0.5
-_REWATCH_MAX_S = 5.0
-# How long waiting tasks' results are looked up after a reconnect while JetStream fails.
+# How long waiting tasks' results are looked up after a reconnect while JetStream fails,
+# and the pause between tries (a leader election takes a few seconds).
 _LOOKUP_AFTER_RECONNECT_S = 60.0
+_LOOKUP_PAUSE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -141,13 +136,10 @@ class Orchestrator:
 
     def __init__(self, settings: OrchestratorSettings | None = None) -> None:
         self.settings = settings or OrchestratorSettings()
-        self.workers: dict[str, Heartbeat] = {}
-        self.workers_changed = anyio.Event()
+        #: Live workers, kept by a watch of the `workers` bucket (with `watch_workers`).
+        self.view = WorkersView(lambda: self.js)
         self._waiters: dict[str, list[_Waiter]] = {}
         self._declared: set[Capability] = set()
-        #: Set once the first snapshot of the `workers` bucket is in `workers`.
-        self.workers_loaded = anyio.Event()
-        self._rewatch = anyio.Event()
         self.router: Router | None = None
         #: Called with every result's bytes as it is written (metrics count them).
         self.result_observer: Callable[[bytes], None] | None = None
@@ -170,6 +162,25 @@ class Orchestrator:
         assert self._js is not None, "use the orchestrator inside `async with`"
         return self._js
 
+    @property
+    def workers(self) -> dict[str, Heartbeat]:
+        """Live workers by id, as their last heartbeat shows them."""
+        return self.view.workers
+
+    @property
+    def workers_changed(self) -> anyio.Event:
+        """Set at the next change of `workers` (a new event after each)."""
+        return self.view.changed
+
+    @property
+    def workers_loaded(self) -> anyio.Event:
+        """Set once the first snapshot of the `workers` bucket is in `workers`."""
+        return self.view.loaded
+
+    def live_capabilities(self) -> set[str]:
+        """Capabilities (`kind/token`) that at least one live worker serves."""
+        return self.view.live_capabilities()
+
     async def __aenter__(self) -> Self:
         self._nc = await connect(
             self.settings.connection,
@@ -188,7 +199,7 @@ class Orchestrator:
         self._tasks = await self._task_group_cm.__aenter__()
         self._tasks.start_soon(self.link.run)
         if self.settings.watch_workers:
-            self._tasks.start_soon(self._watch_workers)
+            self._tasks.start_soon(self.view.run)
             if self.settings.routing is not None:
                 self.router = Router(self, self.settings.routing)
                 self._tasks.start_soon(self.router.run)
@@ -446,7 +457,7 @@ class Orchestrator:
 
     async def _on_reconnected(self) -> None:
         self.link.reconnected()
-        self._rewatch.set()
+        self.view.rewatch()
         # Not awaited here: nats-py runs this callback inside its reconnect, and after a
         # failover the lookups may wait for a leader election; an error raised here would
         # leave the client stuck reconnecting.
@@ -460,15 +471,14 @@ class Orchestrator:
         logger.warning(
             "nats reconnected, checking results of waiting tasks count=%d", len(remaining)
         )
-        pause_s, deadline = _REWATCH_FIRST_S, time.monotonic() + _LOOKUP_AFTER_RECONNECT_S
+        deadline = time.monotonic() + _LOOKUP_AFTER_RECONNECT_S
         while remaining:
+            task_id = remaining[-1]
+            if task_id not in self._waiters:  # settled by the subscription meanwhile
+                remaining.pop()
+                continue
             try:
-                while remaining:
-                    task_id = remaining[-1]
-                    if task_id in self._waiters and (stored := await self._stored(task_id)):
-                        for waiter in self._waiters.pop(task_id, []):
-                            waiter.settle(stored)
-                    remaining.pop()
+                stored = await readable_result(self.js, task_id)
             except NATS_ERRORS as exc:
                 if time.monotonic() >= deadline:
                     logger.warning(
@@ -477,122 +487,12 @@ class Orchestrator:
                         exc,
                     )
                     return
-                await anyio.sleep(pause_s)
-                pause_s = min(2 * pause_s, _REWATCH_MAX_S)
-
-    async def _stored(self, task_id: str) -> Result | None:
-        try:
-            return await get_result(self.js, task_id)
-        except CorruptResultError as exc:
-            logger.warning("stored result unreadable task_id=%s error=%s", task_id, exc)
-            return None
-
-    # -- workers ------------------------------------------------------------------------
-
-    async def _watch_workers(self) -> None:
-        try:
-            kv: KeyValue = await self.js.key_value(WORKERS_BUCKET)
-        except NotFoundError:
-            # Nobody declared the topology yet: no worker can be live, and a submit will say
-            # what is missing.
-            logger.warning("no %s bucket: is the orchestrator running?", WORKERS_BUCKET)
-            self.workers_loaded.set()
-            return
-        while True:
-            self._rewatch = anyio.Event()
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._keep_following_heartbeats, kv)
-                # After a reconnect the watch's ordered consumer only notices it lost its
-                # place when its idle heartbeat is missed (15 s and more); start afresh.
-                await self._rewatch.wait()
-                group.cancel_scope.cancel()
-            logger.info("watching workers anew after a reconnect")
-
-    async def _keep_following_heartbeats(self, kv: KeyValue) -> None:
-        """Follow the bucket; a watch that cannot be set up (JetStream failing over) or that
-        ends is set up again, after a pause that grows to `_REWATCH_MAX_S`."""
-        pause_s = _REWATCH_FIRST_S
-        while True:
-            try:
-                await self._follow_heartbeats(kv)
-            except NATS_ERRORS as exc:
-                logger.warning("workers watch failed, retrying error=%r pause_s=%.1f", exc, pause_s)
-            await anyio.sleep(pause_s)
-            pause_s = min(2 * pause_s, _REWATCH_MAX_S)
-
-    async def _follow_heartbeats(self, kv: KeyValue) -> None:
-        watcher = await kv.watchall()
-        snapshot = _Snapshot()
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    # Workaround for a race in nats-py 2.16's KeyValue.watch: it can put its
-                    # end-of-snapshot marker before the snapshot's entries when they were
-                    # delivered but not yet handed over. With nothing seen and messages in
-                    # the bucket, the end is the entry whose `delta` (pending) is 0.
-                    if not snapshot.seen and await self._bucket_holds_messages():
-                        continue
-                    self._end_snapshot(snapshot)
-                    continue
-                self._on_heartbeat(entry.key, entry.value, entry.operation)
-                if snapshot.loading:
-                    snapshot.seen.add(entry.key)
-                    if entry.delta == 0:
-                        self._end_snapshot(snapshot)
-        finally:
-            with anyio.move_on_after(2, shield=True):
-                try:
-                    await watcher.stop()  # type: ignore[no-untyped-call]
-                except NATS_ERRORS as exc:
-                    logger.debug("workers watch stop failed error=%r", exc)
-
-    async def _bucket_holds_messages(self) -> bool:
-        info = await self.js.stream_info(f"KV_{WORKERS_BUCKET}")
-        return bool(info.state.messages)
-
-    def _end_snapshot(self, snapshot: _Snapshot) -> None:
-        if not snapshot.loading:
-            return
-        snapshot.loading = False
-        # A worker that expired unseen while we were away left no key and no marker behind.
-        for worker_id in set(self.workers) - snapshot.seen:
-            self._on_heartbeat(worker_id, None, "expired")
-        self.workers_loaded.set()
-
-    def _on_heartbeat(self, worker_id: str, value: bytes | None, operation: str | None) -> None:
-        if operation in ("DEL", "PURGE") or not value:
-            gone = self.workers.pop(worker_id, None)
-            if gone is not None:
-                logger.warning(
-                    "worker gone worker_id=%s reason=%s", worker_id, operation or "expired"
-                )
-        else:
-            try:
-                heartbeat = decode_heartbeat(value)
-            except msgspec.DecodeError:
-                logger.warning("undecodable heartbeat worker_id=%s", worker_id)
-                return
-            if worker_id not in self.workers:
-                logger.info(
-                    "worker joined worker_id=%s capabilities=%s",
-                    worker_id,
-                    ",".join(heartbeat.capabilities),
-                )
-            self.workers[worker_id] = heartbeat
-        self.workers_changed.set()
-        self.workers_changed = anyio.Event()
-
-    def live_capabilities(self) -> set[str]:
-        """Capabilities (`kind/token`) that at least one live worker serves."""
-        return {c for hb in self.workers.values() for c in hb.capabilities}
-
-
-@dataclass
-class _Snapshot:
-    """The first look at the `workers` bucket of one watch, until its last entry."""
-
-    loading: bool = True
-    seen: set[str] = field(default_factory=set)
+                await anyio.sleep(_LOOKUP_PAUSE_S)
+                continue
+            remaining.pop()
+            if stored is not None:
+                for waiter in self._waiters.pop(task_id, []):
+                    waiter.settle(stored)
 
 
 def _check_task_id(task_id: str) -> None:

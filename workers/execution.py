@@ -29,7 +29,6 @@ from mesh.contract import (
     is_valid_task_id,
 )
 from mesh.errors import (
-    CorruptResultError,
     InvalidTaskError,
     RateLimitedError,
     RetryableError,
@@ -39,6 +38,7 @@ from mesh.results import (
     ResultWriter,
     get_result,
     publish_dead_letter,
+    readable_result,
     write_over_deleted,
     write_result_once,
 )
@@ -160,7 +160,7 @@ class TaskRunner:
         # A redelivery may find its result stored by an earlier attempt whose ack was lost; a
         # costly backend also looks on a first delivery (an id reused after the window).
         if (attempt > 1 or self._backend.costly) and (
-            earlier := await self._stored(task.id)
+            earlier := await readable_result(self._js, task.id)
         ) is not None:
             if attempt == 1:
                 await self._announce(earlier, task.reply_to)
@@ -348,7 +348,7 @@ class TaskRunner:
             data = encode(result)
             stored = await self._results.write_once(result, data)
         if not stored:
-            earlier = await self._stored(result.id)
+            earlier = await readable_result(self._js, result.id)
             if earlier is None:
                 # Not a lost race: an operator deleted the earlier result.
                 stored = await write_over_deleted(self._js, result, data)
@@ -358,15 +358,6 @@ class TaskRunner:
             await self._nc.publish(reply_to, data)
         await msg.ack()
         return stored
-
-    async def _stored(self, task_id: str) -> Result | None:
-        """The task's stored result; None when there is none or it is unreadable (logged,
-        and replaced by this attempt's result)."""
-        try:
-            return await get_result(self._js, task_id)
-        except CorruptResultError as exc:
-            logger.warning("stored result unreadable task_id=%s error=%s", task_id, exc)
-            return None
 
     async def _announce(self, stored: Result, reply_to: str | None) -> None:
         """Tell waiters about a result stored before this delivery (the id was used again
