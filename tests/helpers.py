@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import httpx
 
 from mesh.connection import ConnectionSettings
 from mesh.topology import TopologySettings
@@ -50,6 +51,14 @@ async def poll_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await anyio.sleep(interval_s)
+
+
+async def health_answers(http: httpx.AsyncClient) -> bool:
+    """Whether the HTTP API at `http`'s base URL answers `/health` with 200 yet."""
+    try:
+        return (await http.get("/health")).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def worker_settings(url: str, **overrides: Any) -> WorkerSettings:

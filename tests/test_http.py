@@ -10,7 +10,13 @@ import httpx
 import pytest
 
 from orchestrator.launch import serve_http
-from tests.helpers import orchestrator_for, poll_until, running_worker, worker_settings
+from tests.helpers import (
+    health_answers,
+    orchestrator_for,
+    poll_until,
+    running_worker,
+    worker_settings,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -37,7 +43,7 @@ async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
             httpx.AsyncClient(base_url=base, timeout=10) as http,
         ):
             group.start_soon(serve_http, orch, "127.0.0.1", port, stop)
-            await poll_until(lambda: _answers(http), what="http server")
+            await poll_until(lambda: health_answers(http), what="http server")
 
             one = await http.post("/tasks?wait=10", json={"id": "h-1", "prompt": "hello"})
             assert one.status_code == 200
@@ -93,10 +99,3 @@ async def test_http_api_submits_waits_and_reports(nats_url: str) -> None:
             health = await http.get("/health")
             assert health.status_code == 200 and health.json()["nats"] is True
             stop.set()
-
-
-async def _answers(http: httpx.AsyncClient) -> bool:
-    try:
-        return (await http.get("/health")).status_code == 200
-    except httpx.TransportError:
-        return False

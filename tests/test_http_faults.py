@@ -19,7 +19,7 @@ from mesh.errors import CorruptResultError, NatsUnreachableError
 from mesh.topology import TASKS_STREAM, result_subject
 from orchestrator.launch import serve_http
 from orchestrator.link import NatsLink
-from tests.helpers import ROOT, orchestrator_for, poll_until
+from tests.helpers import ROOT, health_answers, orchestrator_for, poll_until
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -48,18 +48,11 @@ async def _served(orch: Orchestrator) -> AsyncIterator[httpx.AsyncClient]:
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http,
     ):
         group.start_soon(serve_http, orch, "127.0.0.1", port, stop)
-        await poll_until(lambda: _answers(http), what="http server")
+        await poll_until(lambda: health_answers(http), what="http server")
         try:
             yield http
         finally:
             stop.set()
-
-
-async def _answers(http: httpx.AsyncClient) -> bool:
-    try:
-        return (await http.get("/health")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 async def _timed(
