@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 import nats
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from bench.raw import DONE, STREAM, SUBJECT
+from bench.raw import DONE, STREAM, work_queue_stream
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -136,14 +135,7 @@ class NatsPeer:
         self.js = self.nc.jetstream()
         # The stream exists before the ping is published; each framework then declares the
         # same stream itself (an identical config is accepted) and its own consumer.
-        await self.js.add_stream(
-            StreamConfig(
-                name=STREAM,
-                subjects=[SUBJECT],
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-            )
-        )
+        await self.js.add_stream(work_queue_stream())
         await self.nc.subscribe(
             DONE, cb=self._on_done, pending_msgs_limit=-1, pending_bytes_limit=-1
         )

@@ -26,12 +26,24 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
-__all__ = ["RawSystem"]
+__all__ = ["RawSystem", "work_queue_stream"]
 
 STREAM = "BENCH"
 SUBJECT = "bench.tasks"
 DONE = "bench.done"
 DURABLE = "bench-worker"
+
+
+def work_queue_stream() -> StreamConfig:
+    """The baseline's stream; the peers that speak JetStream declare the same one."""
+    return StreamConfig(
+        name=STREAM,
+        subjects=[SUBJECT],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+    )
+
+
 FETCH_BATCH = 100
 
 
@@ -68,14 +80,7 @@ class RawSystem:
     async def __aenter__(self) -> RawSystem:
         self.nc = await nats.connect(self.url)
         self.js: JetStreamContext = self.nc.jetstream()
-        await self.js.add_stream(
-            StreamConfig(
-                name=STREAM,
-                subjects=[SUBJECT],
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-            )
-        )
+        await self.js.add_stream(work_queue_stream())
         await self.js.add_consumer(
             STREAM, ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT)
         )
