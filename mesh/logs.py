@@ -9,7 +9,7 @@ import re
 import sys
 import time
 
-__all__ = ["LEVELS", "SECRET_VARIABLES", "configure_logging", "secret_values"]
+__all__ = ["LEVELS", "SECRET_VARIABLES", "configure_logging", "hide_secrets", "secret_values"]
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -35,6 +35,13 @@ def secret_values() -> list[str]:
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s'\"]+@")
 
 
+def hide_secrets(text: str, secrets: list[str]) -> str:
+    """`text` with each of `secrets` and the credentials of every URL replaced by `***`."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return _URL_CREDENTIALS.sub("***@", text) if "@" in text else text
+
+
 class _RedactingFormatter(logging.Formatter):
     """Another formatter's lines with every secret value and the credentials of every URL
     replaced by `***`: a traceback or a library's message that quotes them is safe to ship."""
@@ -45,10 +52,7 @@ class _RedactingFormatter(logging.Formatter):
         self._secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
-        line = self._inner.format(record)
-        for secret in self._secrets:
-            line = line.replace(secret, "***")
-        return _URL_CREDENTIALS.sub("***@", line) if "@" in line else line
+        return hide_secrets(self._inner.format(record), self._secrets)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import httpx
 
 from mesh.connection import ConnectionSettings
 from mesh.errors import ConfigError, MeshError
-from mesh.logs import secret_values
+from mesh.logs import hide_secrets, secret_values
 from mesh.server import EmbeddedServer, parent_death_hook
 from orchestrator.core import Orchestrator, OrchestratorSettings
 
@@ -42,10 +41,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_HTTP_PORT = 7001
 
 _T = TypeVar("_T")
-
-# `scheme://user:password@` in a worker's stderr line (a NATS_URL or --base-url with them), as
-# mesh.logs hides them in log lines.
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s'\"]+@")
 
 
 def bind_http_sockets(
@@ -184,12 +179,6 @@ def _spawn_worker(
     )
 
 
-def _redacted(line: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        line = line.replace(secret, "***")
-    return _URL_CREDENTIALS.sub("***@", line) if "@" in line else line
-
-
 def _relay_until_exit(process: subprocess.Popen[bytes]) -> tuple[int, str]:
     """Copy a worker's stderr to ours until it closes; its exit status and last line."""
     secrets = secret_values()
@@ -197,7 +186,7 @@ def _relay_until_exit(process: subprocess.Popen[bytes]) -> tuple[int, str]:
     is_relaying = True
     if process.stderr is not None:
         for raw in process.stderr:
-            line = _redacted(raw.decode(errors="replace"), secrets)
+            line = hide_secrets(raw.decode(errors="replace"), secrets)
             last_line = line.strip() or last_line
             if is_relaying:
                 try:
