@@ -161,10 +161,7 @@ async def _announce_when_live(
 ) -> None:
     # Announced once the workers' heartbeats are in: a submit right after the banner would
     # otherwise be refused with "no live worker serves any model".
-    with anyio.move_on_after(WORKERS_LIVE_S):
-        while len(orch.workers) < args.workers:
-            await orch.workers_changed.wait()
-    if len(orch.workers) < args.workers:
+    if not await orch.view.wait_for(args.workers, WORKERS_LIVE_S):
         logger.warning(
             "workers not live yet live=%d started=%d waited_s=%.0f",
             len(orch.workers),

@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import anyio
 import msgspec
 
 from mesh.connection import redact_url
@@ -44,10 +43,7 @@ look inside with the standard `nats` CLI (--server <that url>):
 
 
 async def _wait_for_workers(orchestrator: Orchestrator, count: int) -> None:
-    with anyio.move_on_after(WORKERS_READY_TIMEOUT_S) as scope:
-        while len(orchestrator.workers) < count:
-            await orchestrator.workers_changed.wait()
-    if scope.cancelled_caught:
+    if not await orchestrator.view.wait_for(count, WORKERS_READY_TIMEOUT_S):
         raise MeshError(
             f"only {len(orchestrator.workers)} of {count} workers were live after "
             f"{WORKERS_READY_TIMEOUT_S:.0f}s; their log lines above say why"

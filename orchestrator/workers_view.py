@@ -56,6 +56,13 @@ class WorkersView:
         """Capabilities (`kind/token`) that at least one live worker serves."""
         return {c for hb in self.workers.values() for c in hb.capabilities}
 
+    async def wait_for(self, count: int, timeout_s: float) -> bool:
+        """Wait until `count` workers are live, at most `timeout_s`; whether they are."""
+        with anyio.move_on_after(timeout_s):
+            while len(self.workers) < count:
+                await self.changed.wait()
+        return len(self.workers) >= count
+
     async def run(self) -> None:
         """Watch the bucket until cancelled, afresh after each `rewatch()`."""
         try:
