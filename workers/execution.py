@@ -36,7 +36,6 @@ from mesh.errors import (
 )
 from mesh.results import (
     ResultWriter,
-    get_result,
     publish_dead_letter,
     readable_result,
     write_over_deleted,
