@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from mesh.connection import ConnectionSettings
 from mesh.errors import ConfigError
 from mesh.settings import env_bool, env_float, env_int, topology_from_env
+from mesh.topology import model_token
 from workers.backends import REGISTRY, BackendSettings
 from workers.execution import RetryPolicy
 from workers.runtime import WorkerSettings
@@ -30,6 +31,11 @@ def worker_settings_from(
     models = tuple(
         args.model or [m.strip() for m in env.get("D8_MODELS", "").split(",") if m.strip()]
     )
+    for model in models:
+        try:
+            model_token(model)
+        except ValueError as exc:
+            raise ConfigError(f"--model {model!r}: {exc}") from None
     concurrency = (
         args.concurrency if args.concurrency is not None else env_int(env, "D8_CONCURRENCY", 0)
     )

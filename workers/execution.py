@@ -63,6 +63,10 @@ __all__ = ["Outcome", "RetryPolicy", "TaskRunner", "task_deadline"]
 
 logger = logging.getLogger(__name__)
 
+# A task pulled before a rate limit waits it out when it ends within this; after a longer
+# limit the task is handed back for another worker, at the price of one delivery.
+HAND_BACK_AFTER_S = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -234,8 +238,14 @@ class TaskRunner:
         self, task: Task, model: str, deadline: float | None
     ) -> tuple[Generation | None, int]:
         if (pause_s := self.paused_s()) > 0:
-            # Pulled before the limit hit: wait it out here (the lease is kept alive) rather
-            # than nak, which would cost the task a delivery without calling anyone.
+            if pause_s > HAND_BACK_AFTER_S:
+                # A long limit: hand the task back at once for a worker that is not limited.
+                raise RateLimitedError(
+                    f"this worker is rate limited for {pause_s:.0f}s more: handed back",
+                    delay_s=0,
+                )
+            # Pulled before a short limit hit: wait it out here (the lease is kept alive)
+            # rather than nak, which would cost the task a delivery without calling anyone.
             if deadline is not None and time.time() + pause_s >= deadline:
                 return None, 0
             await anyio.sleep(pause_s)

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.anyio
         ),
         ("gemini", ["--model", "m"], {}, "set GEMINI_API_KEY or GOOGLE_API_KEY"),
         ("openai", ["--model", "m"], {}, "needs an API key: set OPENAI_API_KEY"),
+        ("echo", ["--model", "..."], {}, "d8 worker: --model '...': model name '...' has no"),
     ],
 )
 def test_the_worker_command_says_what_is_missing(
